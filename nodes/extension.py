@@ -1,0 +1,31 @@
+"""The pack's ComfyExtension: node list and one-time dropdown registration."""
+from __future__ import annotations
+
+from .comfy_io import ComfyExtension, io
+from .registry import register_ksampler_presets
+
+
+def _method_modules():
+    from . import er_sde
+
+    return [er_sde]
+
+
+def all_nodes() -> list:
+    return [node for module in _method_modules() for node in module.NODES]
+
+
+def all_presets() -> dict:
+    presets = {}
+    for module in _method_modules():
+        presets.update(getattr(module, "KSAMPLER_PRESETS", {}))
+    return presets
+
+
+class FastSamplersExtension(ComfyExtension):
+    async def on_load(self) -> None:  # called by newer ComfyUI; registration is idempotent
+        register_ksampler_presets(all_presets())
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_ksampler_presets(all_presets())
+        return all_nodes()

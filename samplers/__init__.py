@@ -1,0 +1,10 @@
+"""Pure-torch samplers in the k-diffusion calling convention (no ComfyUI import)."""
+from .schedule import NoiseSchedule, resolve_schedule
+from .er_sde import sample_er_sde, NOISE_FUNCTIONS
+from .classic import sample_euler, sample_heun, sample_dpmpp_2m
+
+__all__ = [
+    "NoiseSchedule", "resolve_schedule",
+    "sample_er_sde", "NOISE_FUNCTIONS",
+    "sample_euler", "sample_heun", "sample_dpmpp_2m",
+]

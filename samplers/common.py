@@ -1,0 +1,64 @@
+"""Shared plumbing of the pack's sampler functions (k-diffusion calling convention)."""
+from __future__ import annotations
+
+import torch
+
+from .schedule import NoiseSchedule, noise_scale_of, resolve_schedule
+
+
+def check_inputs(x: torch.Tensor, sigmas, sampler: str, schedule: NoiseSchedule) -> torch.Tensor:
+    """Validate a run's latent and sigmas; returns sigmas as a float64 host tensor.
+
+    Reads the tensors once, before the sampling loop starts."""
+    sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if sig.ndim != 1 or sig.numel() < 2:
+        raise ValueError(f"{sampler}: sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sig.shape)}.")
+    if not torch.isfinite(sig).all():
+        raise ValueError(f"{sampler}: sigmas contain NaN or infinity: {sig.tolist()}.")
+    if (sig < 0).any():
+        raise ValueError(f"{sampler}: sigmas must be >= 0, got {sig.tolist()}.")
+    if (sig[1:] > sig[:-1]).any():
+        raise ValueError(
+            f"{sampler}: sigmas must be non-increasing (a denoising schedule), got {sig.tolist()}. "
+            "Use a scheduler node's output or flip the list."
+        )
+    if schedule.is_flow and sig[0] > 1.0:
+        raise ValueError(f"{sampler}: a flow (CONST) model needs sigmas in [0, 1]; the first is {float(sig[0])}.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{sampler}: the input latent contains NaN or infinity; check the noise and latent inputs.")
+    return sig
+
+
+def setup_run(model, x, sigmas, sampler: str, parametrization=None):
+    """(schedule, host float64 sigmas, s_in) for a sampler run."""
+    schedule = resolve_schedule(model, parametrization)
+    sig = check_inputs(x, sigmas, sampler, schedule)
+    return schedule, sig, x.new_ones([x.shape[0]])
+
+
+def gaussian_noise_sampler(x: torch.Tensor, seed=None):
+    """Per-step Gaussian noise, the same stream as ComfyUI's ``default_noise_sampler``:
+    a generator on x's device seeded with the run's seed, one draw of x's shape per call."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed))
+    return lambda: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+
+def step_noise_scale(model, s_noise: float) -> float:
+    return float(s_noise) * noise_scale_of(model)
+
+
+def report(callback, i, x, sigma, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+
+
+def progress(n, disable):
+    """tqdm when present (ComfyUI ships it), a plain range otherwise."""
+    try:
+        from tqdm.auto import trange
+    except ImportError:
+        return range(n)
+    return trange(n, disable=disable)

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+class _Patcher:
+    def __init__(self, model_sampling):
+        self.model_sampling = model_sampling
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.model_sampling
+
+
+class ComfyLikeModel:
+    """Mimics what ComfyUI passes to a sampler function: a callable whose
+    ``inner_model.model_patcher.get_model_object("model_sampling")`` is the model's sampling
+    object, here an instance of a class named like ComfyUI's prediction types (EPS, CONST...)."""
+
+    def __init__(self, denoiser, prediction_class: str):
+        prediction = type(prediction_class, (), {})
+        self.model_sampling = type("ModelSamplingFake", (prediction,), {})()
+        self.inner_model = type("Guider", (), {})()
+        self.inner_model.model_patcher = _Patcher(self.model_sampling)
+        self.denoiser = denoiser
+
+    def __call__(self, x, sigma, **extra_args):
+        return self.denoiser(x, sigma, **extra_args)
+
+
+@pytest.fixture
+def comfy_like():
+    return ComfyLikeModel

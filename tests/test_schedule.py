@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+from comfyui_fast_samplers.samplers.schedule import (
+    NoiseSchedule, flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
+    parametrization_of_model_sampling, resolve_schedule,
+)
+
+SIGMAS = torch.tensor([0.0, 0.03, 0.5, 1.0, 7.0, 80.0], dtype=torch.float64)
+FLOW_SIGMAS = torch.tensor([0.0, 0.03, 0.5, 0.9, 0.999], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["ve", "vp", "flow"])
+def test_lam_is_s_over_alpha_and_inverts(kind):
+    sch = NoiseSchedule(kind)
+    sig = FLOW_SIGMAS[1:] if kind == "flow" else SIGMAS[1:]
+    tab = sch.coefficients(sig)
+    torch.testing.assert_close(tab.lam, tab.s / tab.alpha, rtol=1e-14, atol=0)
+    torch.testing.assert_close(sch.sigma_from_lam(tab.lam), sig, rtol=1e-13, atol=0)
+    # x = alpha x0 + s eps must have unit-variance noise geometry: vp has alpha^2 + s^2 = 1.
+    if kind == "vp":
+        torch.testing.assert_close(tab.alpha**2 + tab.s**2, torch.ones_like(sig), rtol=1e-14, atol=0)
+
+
+def test_flow_endpoints():
+    sch = NoiseSchedule("flow")
+    tab = sch.coefficients(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert tab.alpha.tolist() == [0.0, 1.0] and tab.s.tolist() == [1.0, 0.0]
+    assert tab.log_lam[0] == math.inf and tab.log_lam[1] == -math.inf
+
+
+def test_unknown_parametrization():
+    with pytest.raises(ValueError, match="Unknown parametrization"):
+        NoiseSchedule("edm")
+
+
+@pytest.mark.parametrize("name,expected", [("EPS", "ve"), ("V_PREDICTION", "ve"), ("EDM", "ve"), ("CONST", "flow")])
+def test_model_type_from_comfy_model_sampling(comfy_like, name, expected):
+    model = comfy_like(lambda x, s: x, name)
+    assert parametrization_of_model_sampling(model.model_sampling) == expected
+    assert resolve_schedule(model).parametrization == expected
+    # An explicit option wins over the model's own type.
+    assert resolve_schedule(model, "vp").parametrization == "vp"
+
+
+def test_unsupported_model_type_is_named(comfy_like):
+    with pytest.raises(ValueError, match="Unsupported model type"):
+        resolve_schedule(comfy_like(lambda x, s: x, "STABLE_AUDIO_THING"))
+
+
+def test_reference_schedules():
+    k = karras_sigmas(10, 0.029, 14.6)
+    assert len(k) == 11 and k[-1] == 0 and math.isclose(k[0], 14.6) and math.isclose(k[-2], 0.029)
+    assert (k[1:] < k[:-1]).all()
+    f = flow_shift_sigmas(8, shift=3.0)
+    assert f[0] == 1.0 and f[-1] == 0.0 and (f[1:] < f[:-1]).all()
+    sch = NoiseSchedule("flow")
+    u = log_lam_uniform_sigmas(6, 0.1, 0.9, sch)
+    steps = torch.diff(sch.log_lam(u))
+    torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-9, atol=0)
