@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..samplers.er_sde import (
-    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, QUADRATURES, sample_er_sde,
+    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options, sample_er_sde,
 )
 from .comfy_io import CATEGORY, io
 
@@ -46,6 +46,10 @@ class ERSDESolverSampler(io.ComfyNode):
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Multiplier on the added noise. Below 1 keeps more of the current image "
                                        "each step (crisper, can look over-smoothed); 1 is the exact SDE."),
+                io.Combo.Input("noise", options=list(NOISE_KINDS), default="gaussian",
+                               tooltip="gaussian: fresh random noise each step (same stream as ComfyUI's samplers). "
+                                       "brownian: one noise path per seed, so changing the step count changes the "
+                                       "image less."),
                 io.Combo.Input("derivatives", options=list(DERIVATIVES), default="corrected",
                                tooltip="corrected: a true 3rd-order solver (more accurate at the same steps). "
                                        "paper: the published update, which is only 2nd order; for comparisons."),
@@ -63,11 +67,15 @@ class ERSDESolverSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, order, noise_fn, eta, p, a, s_noise, derivatives, quadrature, flow_start, final_step) -> io.NodeOutput:
+    def execute(cls, order, noise_fn, eta, p, a, s_noise, noise, derivatives, quadrature, flow_start, final_step) -> io.NodeOutput:
         import comfy.samplers
 
-        options = dict(order=order, noise_fn=noise_fn, eta=eta, p=p, a=a, s_noise=s_noise, derivatives=derivatives,
+        options = dict(order=order, noise_fn=noise_fn, eta=eta, p=p, a=a, s_noise=s_noise, noise=noise, derivatives=derivatives,
                        quadrature=quadrature, flow_start=flow_start, final_step=final_step)
+        try:
+            check_options(**options)
+        except ValueError as err:  # ComfyUI 0.3.64 does not check V3 combo values itself
+            raise ValueError(f"ER-SDE Solver node: {err}") from None
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_er_sde, extra_options=options))
 
 

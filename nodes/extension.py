@@ -6,9 +6,9 @@ from .registry import register_ksampler_presets
 
 
 def _method_modules():
-    from . import er_sde
+    from . import er_sde, ui
 
-    return [er_sde]
+    return [er_sde, ui]
 
 
 def all_nodes() -> list:

@@ -104,6 +104,7 @@ def _sde_5() -> NoiseFunction:
     )
 
 
+NOISE_KINDS = ("gaussian", "brownian")
 NOISE_FUNCTIONS = ("ode", "reverse_sde", "sde_1", "sde_2", "sde_3", "sde_4", "sde_5", "power")
 
 
@@ -195,6 +196,7 @@ class StepRow:
     E: float = 0.0  # noise coefficient (already times s_noise)
     draw: bool = False  # draw a noise sample (ComfyUI draws at every step to sigma > 0)
     order: int = 0
+    clock: tuple = (0.0, 0.0)  # Brownian clock tau = 1/psi^2 at (lam_s, lam_t), see brownian_noise_sampler
 
 
 @dataclass
@@ -209,6 +211,19 @@ DERIVATIVES = ("corrected", "paper")
 QUADRATURES = ("exact", "comfy_riemann")
 FLOW_STARTS = ("exact", "comfy_offset")
 FINAL_STEPS = ("denoise", "extrapolate")
+
+
+def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
+                  final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, p=2.0, a=0.0):
+    """Raise a ValueError naming the bad option (the node calls this before sampling starts)."""
+    for value, allowed, what in ((order, ORDERS, "order"), (derivatives, DERIVATIVES, "derivatives"),
+                                 (quadrature, QUADRATURES, "quadrature"), (flow_start, FLOW_STARTS, "flow_start"),
+                                 (final_step, FINAL_STEPS, "final_step"), (noise, NOISE_KINDS, "noise")):
+        if value not in allowed:
+            raise ValueError(f"ER-SDE: {what} must be one of {allowed}, got {value!r}.")
+    if s_noise < 0:
+        raise ValueError(f"ER-SDE: s_noise must be >= 0, got {s_noise}.")
+    return make_noise_function(noise_fn, eta=eta, p=p, a=a)
 
 
 def _derivative_weights(lams: list[float], order: int, derivatives: str):
@@ -243,13 +258,8 @@ def plan_er_sde(
     flow_start_sigma: float | None = None,
 ) -> ERSDEPlan:
     """All coefficients of a run, in float64 on the host."""
-    for value, allowed, what in ((order, ORDERS, "order"), (derivatives, DERIVATIVES, "derivatives"),
-                                 (quadrature, QUADRATURES, "quadrature"), (flow_start, FLOW_STARTS, "flow_start"),
-                                 (final_step, FINAL_STEPS, "final_step")):
-        if value not in allowed:
-            raise ValueError(f"ER-SDE: {what} must be one of {allowed}, got {value!r}.")
-    if s_noise < 0:
-        raise ValueError(f"ER-SDE: s_noise must be >= 0, got {s_noise}.")
+    check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
+                  final_step=final_step, s_noise=s_noise)
     sig = sigmas.to(torch.float64).clone()
     if schedule.is_flow and flow_start == "comfy_offset" and sig[0] >= 1.0:
         sig[0] = flow_start_sigma if flow_start_sigma is not None else 1.0 - 1e-4
@@ -294,7 +304,9 @@ def plan_er_sde(
             d1, d2 = _derivative_weights(history, step_order, derivatives)
             B = B + alpha[i + 1] * c2 * d1 + (alpha[i + 1] * c3 * d2 if step_order >= 3 else 0.0)
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
-        plan.rows.append(StepRow(A=A, B=tuple(B), E=E, draw=stochastic, order=step_order))
+        log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
+        clock = (math.exp(-2.0 * log_psi_s), math.exp(-2.0 * log_psi[i + 1]))
+        plan.rows.append(StepRow(A=A, B=tuple(B), E=E, draw=stochastic, order=step_order, clock=clock))
     if plan.clamped_steps:
         warnings.warn(
             f"ER-SDE: the noise function {noise_fn.name} has kappa < 1 on {plan.clamped_steps} step(s) of this "
@@ -302,6 +314,33 @@ def plan_er_sde(
             stacklevel=3,
         )
     return plan
+
+
+def brownian_noise_sampler(x: torch.Tensor, plan: ERSDEPlan, seed=None):
+    """Step noise as normalised increments of one Brownian path in the clock tau = 1/psi^2:
+    the ER-SDE step's noise variance is s_t^2 psi_t^2 (tau_t - tau_s), so two half-steps compose
+    into one and runs with N and 2N steps share the path. tau is mapped affinely to [0, 1]."""
+    try:
+        import torchsde
+    except ImportError as err:
+        raise ImportError("ER-SDE: noise='brownian' needs the torchsde package (ComfyUI ships it); "
+                          "use noise='gaussian' or pip install torchsde.") from err
+    clocks = [t for row in plan.rows if row.draw for t in row.clock]
+    if not clocks:
+        return lambda row: torch.zeros_like(x)
+    lo, hi = min(clocks), max(clocks)
+    span = hi - lo if hi > lo else 1.0
+    seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+    tree = torchsde.BrownianTree(t0=torch.tensor(0.0, dtype=torch.float64), w0=torch.zeros_like(x, dtype=torch.float64),
+                                 t1=torch.tensor(1.0, dtype=torch.float64), entropy=seed, tol=1e-12)
+
+    def sample(row):
+        t0, t1 = (row.clock[0] - lo) / span, (row.clock[1] - lo) / span
+        if t1 <= t0:
+            return torch.zeros_like(x)
+        return (tree(t0, t1) / math.sqrt(t1 - t0)).to(x.dtype)
+
+    return sample
 
 
 # ---- the sampler ---------------------------------------------------------------------------------
@@ -325,6 +364,7 @@ def sample_er_sde(
     flow_start: str = "exact",
     final_step: str = "denoise",
     parametrization: str | None = None,
+    noise: str = "gaussian",
     noise_sampler=None,
 ):
     """ER-SDE-Solver of order 1-3 in the k-diffusion convention.
@@ -334,11 +374,12 @@ def sample_er_sde(
     default) or 'paper' (the published / ComfyUI estimator, globally 2nd order); ``quadrature``
     'exact' or 'comfy_riemann'; ``flow_start`` 'exact' (model at sigma = 1, exact limit) or
     'comfy_offset'; ``final_step`` 'denoise' or 'extrapolate'; ``parametrization`` 've' | 'vp' |
-    'flow' overrides the type read from the ComfyUI model; ``noise_sampler`` a callable
-    returning a standard-normal tensor like x (default: ComfyUI's seeded stream)."""
+    'flow' overrides the type read from the ComfyUI model; ``noise`` 'gaussian' (ComfyUI's seeded
+    per-step stream) or 'brownian' (one Brownian path per seed whatever the step count; needs
+    torchsde, which ComfyUI ships); ``noise_sampler(row)`` overrides both."""
     extra_args = {} if extra_args is None else extra_args
     schedule, sig, s_in = setup_run(model, x, sigmas, "ER-SDE", parametrization)
-    fn = make_noise_function(noise_fn, eta=eta, p=p, a=a)
+    fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a)
     offset_sigma = None
     if flow_start == "comfy_offset":
         ms = comfy_model_sampling(model)
@@ -348,7 +389,11 @@ def sample_er_sde(
                        step_noise_scale(model, s_noise), offset_sigma)
     device_sigmas = plan.model_sigmas.to(x.device, torch.as_tensor(sigmas).dtype)
     if noise_sampler is None:
-        noise_sampler = gaussian_noise_sampler(x, extra_args.get("seed"))
+        if noise == "brownian":
+            noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
+        else:
+            gaussian = gaussian_noise_sampler(x, extra_args.get("seed"))
+            noise_sampler = lambda row: gaussian()  # noqa: E731
     history = [None, None, None]
     for i in progress(len(plan.rows), disable):
         row = plan.rows[i]
@@ -362,6 +407,6 @@ def sample_er_sde(
             if weight != 0.0:
                 update = update + weight * d
         if row.draw:
-            update = update + row.E * noise_sampler()
+            update = update + row.E * noise_sampler(row)
         x = update
     return x

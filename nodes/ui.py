@@ -1,0 +1,34 @@
+"""Small helper nodes for looking at what the pack's nodes produce."""
+from __future__ import annotations
+
+from .comfy_io import CATEGORY, io
+
+
+def sigmas_ui(sigmas) -> dict:
+    """The ui payload web/fs_sigma_plot.js draws (any node of the pack can return it)."""
+    return {"fs_sigmas": [float(s) for s in sigmas.detach().cpu().flatten()]}
+
+
+class PlotSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FS_PlotSigmas",
+            display_name="Plot Sigmas",
+            category=f"{CATEGORY}/schedules",
+            description="Shows a SIGMAS schedule on the node as log(sigma) per step, with a Karras schedule of "
+                        "the same length and range for comparison. Passes the sigmas through unchanged.",
+            inputs=[io.Sigmas.Input("sigmas", tooltip="Any schedule: from a scheduler node, SplitSigmas, or the "
+                                                      "pack's optimizers.")],
+            outputs=[io.Sigmas.Output(tooltip="The same sigmas, unchanged.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, sigmas) -> io.NodeOutput:
+        if sigmas.ndim != 1 or sigmas.numel() == 0:
+            raise ValueError(f"Plot Sigmas: expected a non-empty 1-D SIGMAS tensor, got shape {tuple(sigmas.shape)}.")
+        return io.NodeOutput(sigmas, ui=sigmas_ui(sigmas))
+
+
+NODES = [PlotSigmas]

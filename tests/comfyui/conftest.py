@@ -1,0 +1,242 @@
+"""Tier 2: the pack inside a real ComfyUI, in process, on the CPU.
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout (v0.3.64 or newer) whose requirements
+are installed in the running Python. ComfyUI loads the pack the way it loads any custom-node
+folder; test-only helper nodes (prefix FSTest_) give a weight-free SD1.5-shaped MODEL, zero
+CONDITIONING, an exact Gaussian denoiser and a latent capture."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+REPO = Path(__file__).resolve().parents[2]
+
+if not COMFYUI_PATH:
+    collect_ignore_glob = ["test_*.py"]
+
+CAPTURED: dict = {}
+
+
+def _test_nodes():
+    import torch
+
+    import comfy.model_sampling
+    import comfy.sd
+
+    class WeightFreeModel:
+        """An SD1.5-detected UNet with one block per level and seeded random weights (no file)."""
+        _cache = {}
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"prediction": (["eps", "v"],)}}
+
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "load"
+        CATEGORY = "testing"
+
+        def load(self, prediction):
+            if prediction not in self._cache:
+                from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+                import comfy.ops
+
+                net = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4,
+                                num_res_blocks=[1], channel_mult=[1],
+                                num_head_channels=-1, num_heads=8, transformer_depth=[1], transformer_depth_output=[0, 0],
+                                transformer_depth_middle=-1, context_dim=768, use_spatial_transformer=True,
+                                use_linear_in_transformer=False, operations=comfy.ops.disable_weight_init)
+                g = torch.Generator().manual_seed(0)
+                sd = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in net.state_dict().items()}
+                model = comfy.sd.load_diffusion_model_state_dict(sd)
+                if model is None:
+                    raise RuntimeError("weight-free UNet was not detected as a diffusion model")
+                if prediction == "v":
+                    model = _patch_sampling(model, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.ModelSamplingDiscrete)
+                self._cache[prediction] = model
+            return (self._cache[prediction],)
+
+    class ZeroConditioning:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "make"
+        CATEGORY = "testing"
+
+        def make(self):
+            return ([[torch.zeros(1, 77, 768), {}]],)
+
+    class ExactGaussianModel:
+        """Clone of MODEL whose network returns the exact posterior mean for x0 ~ N(mu, s^2) in
+        the model's own latent space (eps/v: x = x0 + sigma eps; flow: x = (1-sigma) x0 + sigma eps)."""
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "mu": ("FLOAT", {"default": 0.5, "min": -10, "max": 10}),
+                                 "s": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 10}),
+                                 "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})}}
+
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "patch"
+        CATEGORY = "testing"
+
+        def patch(self, model, mu, s, flow_shift):
+            m = model
+            if flow_shift > 0:
+                m = _patch_sampling(m, comfy.model_sampling.CONST, comfy.model_sampling.ModelSamplingDiscreteFlow,
+                                    shift=flow_shift)
+            else:
+                m = m.clone()
+            flow = flow_shift > 0
+
+            def exact(apply_model, args):
+                x = args["input"]  # ComfyUI passes the k-diffusion sigma as "timestep" here
+                sig = args["timestep"].reshape(-1, *([1] * (x.ndim - 1))).to(torch.float64)
+                x64 = x.to(torch.float64)
+                if flow:
+                    a = 1.0 - sig
+                    x0 = mu + a * s**2 * (x64 - a * mu) / (a**2 * s**2 + sig**2)
+                else:
+                    x0 = (s**2 * x64 + sig**2 * mu) / (s**2 + sig**2)
+                # the wrapper must return the denoised x0 the way the network output would give it
+                return x0.to(x.dtype)
+
+            m.set_model_unet_function_wrapper(exact)
+            return (m,)
+
+    class CaptureLatent:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"samples": ("LATENT",), "label": ("STRING", {"default": "out"})}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "capture"
+        OUTPUT_NODE = True
+        CATEGORY = "testing"
+
+        def capture(self, samples, label):
+            CAPTURED[label] = samples["samples"].clone()
+            return {"ui": {"captured": [label]}}
+
+    class CaptureSigmas:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"sigmas": ("SIGMAS",), "label": ("STRING", {"default": "sigmas"})}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "capture"
+        OUTPUT_NODE = True
+        CATEGORY = "testing"
+
+        def capture(self, sigmas, label):
+            CAPTURED[label] = sigmas.clone()
+            return {"ui": {"captured": [label]}}
+
+    return {"FSTest_WeightFreeModel": WeightFreeModel, "FSTest_ZeroConditioning": ZeroConditioning,
+            "FSTest_ExactGaussianModel": ExactGaussianModel, "FSTest_CaptureLatent": CaptureLatent,
+            "FSTest_CaptureSigmas": CaptureSigmas}
+
+
+def _patch_sampling(model, prediction, sampling, **settings):
+    """A clone with another model_sampling (the pattern of comfy_extras/nodes_model_advanced.py)."""
+    class PatchedSampling(sampling, prediction):
+        pass
+
+    m = model.clone()
+    ms = PatchedSampling(m.model.model_config)
+    if settings:
+        ms.set_parameters(**settings)
+    m.add_object_patch("model_sampling", ms)
+    return m
+
+
+class _ServerStub:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+    sockets_metadata: dict = {}
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """Loads ComfyUI's nodes and the pack once per session; returns ComfyUI's `nodes` module."""
+    sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import utils.install_util  # noqa: F401  (before `nodes`, which shadows `utils`)
+    import folder_paths
+    import nodes
+
+    parent = tmp_path_factory.mktemp("custom_nodes")
+    (parent / "comfyui-fast-samplers").symlink_to(REPO, target_is_directory=True)
+    folder_paths.add_model_folder_path("custom_nodes", str(parent))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if "FS_ERSDESolver" not in nodes.NODE_CLASS_MAPPINGS:
+        raise RuntimeError("the pack did not load into ComfyUI (see 'IMPORT FAILED' in the log above)")
+    nodes.NODE_CLASS_MAPPINGS.update(_test_nodes())
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def validate(comfy):
+    import execution
+
+    def run(prompt: dict):
+        """(valid, error, node_errors) for an API-format prompt."""
+        valid, error, _outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return valid, error, node_errors
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_prompt(comfy):
+    """Validates and executes an API-format prompt; returns CAPTURED (label -> tensor)."""
+    import execution
+
+    def run(prompt: dict) -> dict:
+        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)  # fresh cache
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid:
+            raise AssertionError(f"prompt failed validation: {error} {node_errors}")
+        CAPTURED.clear()
+        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+        if not executor.success:
+            errors = [data for event, data in executor.status_messages if event == "execution_error"]
+            raise RuntimeError(f"prompt failed: {errors[0]['exception_message'] if errors else executor.status_messages}")
+        return dict(CAPTURED)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def execution_error(comfy):
+    """Executes a valid prompt that must fail at run time; returns the exception message."""
+    import execution
+
+    def run(prompt: dict) -> str:
+        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        assert valid, (error, node_errors)
+        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+        assert not executor.success, "the prompt was expected to fail"
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        return errors[0]["exception_message"]
+
+    return run
