@@ -1,0 +1,168 @@
+"""Writes example_workflows/<name>.json (front-end format, drag and drop into ComfyUI) and
+example_workflows/api/<name>.json (API format, for /prompt and headless runs) from the API
+graphs defined below. The front-end format is derived from the live node definitions, so run it
+inside a ComfyUI environment:
+
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/build_example_workflows.py
+
+Each graph uses only core nodes plus the pack's, with models named the way users name them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "example_workflows"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+POSITIVE = "a lighthouse on a cliff at sunset, oil painting"
+NEGATIVE = "blurry, low quality"
+
+
+def _base(latent_size=512, batch=1) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": POSITIVE, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_size, "height": latent_size, "batch_size": batch}},
+    }
+
+
+def _decode_save(latent_ref, prefix) -> dict:
+    return {
+        "90": {"class_type": "VAEDecode", "inputs": {"samples": latent_ref, "vae": ["1", 2]}},
+        "91": {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": prefix}},
+    }
+
+
+def er_sde_sampler_custom() -> dict:
+    """ER-SDE Solver node in SamplerCustom, Karras schedule, 20 steps."""
+    g = _base()
+    g.update({
+        "5": {"class_type": "FS_ERSDESolver", "inputs": {
+            "order": 3, "noise_fn": "sde_5", "eta": 1.0, "p": 2.0, "a": 0.0, "s_noise": 1.0, "noise": "gaussian",
+            "derivatives": "corrected", "quadrature": "exact", "flow_start": "exact", "final_step": "denoise"}},
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 20, "denoise": 1.0}},
+        "7": {"class_type": "FS_PlotSigmas", "inputs": {"sigmas": ["6", 0]}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_er_sde"))
+    return g
+
+
+def er_sde_ksampler_preset() -> dict:
+    """The parameter-free preset fs_er_sde_3 picked in the stock KSampler."""
+    g = _base()
+    g["8"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "fs_er_sde_3", "scheduler": "karras",
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    g.update(_decode_save(["8", 0], "fs_er_sde_preset"))
+    return g
+
+
+EXAMPLES = {
+    "fs_er_sde_sampler_custom": er_sde_sampler_custom,
+    "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
+}
+
+
+# ---- API -> front-end format ------------------------------------------------------------
+
+def _input_defs(node_class) -> list[tuple[str, tuple]]:
+    spec = node_class.INPUT_TYPES()
+    return [(name, d) for section in ("required", "optional") for name, d in spec.get(section, {}).items()]
+
+
+def _is_widget(type_spec) -> bool:
+    return isinstance(type_spec, list) or type_spec in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def to_ui(prompt: dict, node_classes: dict) -> dict:
+    ids = sorted(prompt, key=int)
+    depth: dict[str, int] = {}
+
+    def level(nid):
+        if nid not in depth:
+            parents = [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+            depth[nid] = 1 + max((level(p) for p in parents), default=-1)
+        return depth[nid]
+
+    links, nodes_ui, rows = [], [], {}
+    out_links: dict[tuple, list] = {}
+    for nid in ids:
+        cls = node_classes[prompt[nid]["class_type"]]
+        inputs_ui, widgets = [], []
+        for name, d in _input_defs(cls):
+            type_spec, options = d[0], (d[1] if len(d) > 1 else {})
+            value = prompt[nid]["inputs"].get(name)
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                src, slot = value
+                link_id = len(links) + 1
+                src_type = node_classes[prompt[src]["class_type"]].RETURN_TYPES[slot]
+                links.append([link_id, int(src), slot, int(nid), len(inputs_ui), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                entry = {"name": name, "type": src_type, "link": link_id}
+                if _is_widget(type_spec):
+                    entry["widget"] = {"name": name}
+                inputs_ui.append(entry)
+            elif _is_widget(type_spec):
+                widgets.append(value if value is not None else options.get("default"))
+                if options.get("control_after_generate"):
+                    widgets.append("fixed")
+        col = level(nid)
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        nodes_ui.append({
+            "id": int(nid), "type": prompt[nid]["class_type"], "pos": [40 + 360 * col, 40 + 300 * row],
+            "size": [320, 120 + 26 * len(widgets)], "flags": {}, "order": 0, "mode": 0,
+            "inputs": inputs_ui, "outputs": [], "properties": {"Node name for S&R": prompt[nid]["class_type"]},
+            "widgets_values": widgets,
+        })
+    for node in nodes_ui:
+        cls = node_classes[node["type"]]
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node["outputs"] = [{"name": n, "type": t, "links": out_links.get((str(node["id"]), k), []), "slot_index": k}
+                           for k, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    order = sorted(nodes_ui, key=lambda n: depth[str(n["id"])])
+    for k, node in enumerate(order):
+        node["order"] = k
+    return {"last_node_id": max(int(i) for i in ids), "last_link_id": len(links), "nodes": nodes_ui,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def write_json(path: Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main():
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    import asyncio
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import utils.install_util  # noqa: F401
+    import folder_paths
+    import nodes
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp())
+    (parent / "comfyui-fast-samplers").symlink_to(REPO, target_is_directory=True)
+    folder_paths.add_model_folder_path("custom_nodes", str(parent))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    for name, build in EXAMPLES.items():
+        prompt = build()
+        write_json(OUT / "api" / f"{name}.json", prompt)
+        write_json(OUT / f"{name}.json", to_ui(prompt, nodes.NODE_CLASS_MAPPINGS))
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
