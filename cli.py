@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .samplers import sample_dpmpp_2m, sample_er_sde, sample_euler, sample_heun
+from .samplers import sample_ddim_gmm, sample_dpmpp_2m, sample_er_sde, sample_euler, sample_heun
 from .samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
 from .samplers.testbed import (
     ExactModel, default_mixture, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
@@ -45,6 +45,11 @@ SAMPLERS = [
                                                      "quadrature": "comfy_riemann", "flow_start": "comfy_offset"}),
     Entry("fs_er_sde_sde_3", sample_er_sde, {"order": 3, "noise_fn": "reverse_sde"}),
     Entry("er_sde_sde_1 (euler_a)", sample_er_sde, {"order": 1, "noise_fn": "reverse_sde"}),
+    Entry("fs_ddim_eta (eta 0.5)", sample_ddim_gmm, {"eta": 0.5, "components": 1}),
+    Entry("ddim_gmm strict (eta 0.5, 2-D: K=2)", sample_ddim_gmm,
+          {"eta": 0.5, "components": 2, "scale": 0.9, "scale_units": "relative", "covariance": "strict"}),
+    Entry("ddim_gmm vub (eta 0, s 0.1, K=2)", sample_ddim_gmm,
+          {"eta": 0.0, "components": 2, "scale": 0.1, "covariance": "vub"}),
 ]
 
 VE_RANGE = (0.029, 14.6)  # SD1.5's sigma range

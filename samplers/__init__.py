@@ -2,9 +2,11 @@
 from .schedule import NoiseSchedule, resolve_schedule
 from .er_sde import sample_er_sde, NOISE_FUNCTIONS
 from .classic import sample_euler, sample_heun, sample_dpmpp_2m
+from .ddim_gmm import sample_ddim_gmm
 
 __all__ = [
     "NoiseSchedule", "resolve_schedule",
     "sample_er_sde", "NOISE_FUNCTIONS",
     "sample_euler", "sample_heun", "sample_dpmpp_2m",
+    "sample_ddim_gmm",
 ]

@@ -63,9 +63,27 @@ def er_sde_ksampler_preset() -> dict:
     return g
 
 
+def ddim_gmm_sampler_custom() -> dict:
+    """DDIM-GMM node (eta 0.5, strict moment matching) in SamplerCustom, 10 steps."""
+    g = _base()
+    g.update({
+        "5": {"class_type": "FS_DDIMGMM", "inputs": {
+            "eta": 0.5, "eta_convention": "ddim", "components": 8, "scale": 0.9, "scale_units": "relative",
+            "offsets": "ortho", "covariance": "strict", "share_across_steps": False, "offset_seed": 0,
+            "skip_last_offsets": 0, "on_infeasible": "clamp"}},
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 10, "denoise": 1.0}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_ddim_gmm"))
+    return g
+
+
 EXAMPLES = {
     "fs_er_sde_sampler_custom": er_sde_sampler_custom,
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
+    "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
 }
 
 

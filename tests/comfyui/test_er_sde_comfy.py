@@ -3,47 +3,11 @@ import math
 
 import pytest
 import torch
-
-MU, S = 0.5, 0.1
-SD1_SCALE = 0.18215  # SD1.5 latent_format.scale_factor: process_latent_out divides by it
-
-
-def _graph(sampler_nodes: dict, sampler_ref, steps=10, flow_shift=0.0, batch=2, size=64, seed=7, prediction="eps"):
-    """SamplerCustom on the exact-Gaussian model; sampler_nodes adds the SAMPLER node(s)."""
-    prompt = {
-        "1": {"class_type": "FSTest_WeightFreeModel", "inputs": {"prediction": prediction}},
-        "2": {"class_type": "FSTest_ExactGaussianModel", "inputs": {"model": ["1", 0], "mu": MU, "s": S,
-                                                                     "flow_shift": flow_shift}},
-        "3": {"class_type": "FSTest_ZeroConditioning", "inputs": {}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
-        "5": {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "karras" if not flow_shift else "simple",
-                                                         "steps": steps, "denoise": 1.0}},
-        "6": {"class_type": "SamplerCustom", "inputs": {"model": ["2", 0], "add_noise": True, "noise_seed": seed,
-                                                        "cfg": 1.0, "positive": ["3", 0], "negative": ["3", 0],
-                                                        "sampler": sampler_ref, "sigmas": ["5", 0],
-                                                        "latent_image": ["4", 0]}},
-        "7": {"class_type": "FSTest_CaptureLatent", "inputs": {"samples": ["6", 0], "label": "out"}},
-        "8": {"class_type": "FSTest_CaptureSigmas", "inputs": {"sigmas": ["5", 0], "label": "sigmas"}},
-    }
-    prompt.update(sampler_nodes)
-    return prompt
-
+from graphs import check_gaussian as _check_gaussian, ksampler_graph, sampler_custom_graph as _graph
 
 ER_SDE_NODE = {"class_type": "FS_ERSDESolver", "inputs": {
     "order": 3, "noise_fn": "sde_5", "eta": 1.0, "p": 2.0, "a": 0.0, "s_noise": 1.0, "noise": "gaussian",
     "derivatives": "corrected", "quadrature": "exact", "flow_start": "exact", "final_step": "denoise"}}
-
-
-def _check_gaussian(latent, sigma_min, flow=False, mu=MU, s=S):
-    """Data N(mu, s^2) per element in model space. Every sampler ends with x = D(x, sigma_min),
-    the posterior mean, whose spread is s * a s / sqrt(a^2 s^2 + sigma_min^2) (a = 1 - sigma for
-    flow, 1 otherwise): that is the exact answer for the samples' std."""
-    x = latent.to(torch.float64) * SD1_SCALE
-    assert torch.isfinite(x).all()
-    a = 1 - sigma_min if flow else 1.0
-    expected_std = s * a * s / math.sqrt(a**2 * s**2 + sigma_min**2)
-    assert abs(float(x.mean()) - mu) < 0.2 * expected_std + 0.005, float(x.mean())
-    assert abs(float(x.std()) / expected_std - 1) < 0.15, (float(x.std()), expected_std)
 
 
 @pytest.mark.parametrize("prediction,flow_shift", [("eps", 0.0), ("v", 0.0), ("eps", 3.0)])
@@ -65,17 +29,7 @@ def test_ksampler_with_a_registered_preset(run_prompt, comfy, preset):
     import comfy.samplers
 
     assert preset in comfy.samplers.KSampler.SAMPLERS and "er_sde" in comfy.samplers.KSampler.SAMPLERS
-    prompt = {
-        "1": {"class_type": "FSTest_WeightFreeModel", "inputs": {"prediction": "eps"}},
-        "2": {"class_type": "FSTest_ExactGaussianModel", "inputs": {"model": ["1", 0], "mu": MU, "s": S, "flow_shift": 0.0}},
-        "3": {"class_type": "FSTest_ZeroConditioning", "inputs": {}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 1, "steps": 10, "cfg": 1.0,
-                                                   "sampler_name": preset, "scheduler": "karras", "positive": ["3", 0],
-                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "7": {"class_type": "FSTest_CaptureLatent", "inputs": {"samples": ["5", 0], "label": "out"}},
-    }
-    _check_gaussian(run_prompt(prompt)["out"], sigma_min=0.0292)  # SD1.5's karras sigma_min
+    _check_gaussian(run_prompt(ksampler_graph(preset))["out"], sigma_min=0.0292)  # SD1.5's karras sigma_min
 
 
 def test_presets_register_once(comfy):
