@@ -40,8 +40,8 @@ class GMMStep:
 def make_offsets(dim: int, components: int, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Unit-scale zero-mean offsets [K, D] (uniform priors). ortho: centred orthonormal columns
     (norm sqrt(1 - 1/K)); rand: centred Gaussian columns over one common RMS norm."""
-    if components >= dim:
-        raise ValueError(f"DDIM-GMM: components ({components}) must be smaller than the latent size ({dim}).")
+    if components > dim:
+        raise ValueError(f"DDIM-GMM: components ({components}) must be at most the latent size ({dim}).")
     raw = torch.randn(dim, components, dtype=torch.float64, generator=generator)
     if kind == "ortho":
         raw, _ = torch.linalg.qr(raw)

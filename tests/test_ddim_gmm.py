@@ -180,7 +180,7 @@ def test_bad_inputs():
         sample_ddim_gmm(model, x, sig, eta=1.5, disable=True)
     with pytest.raises(ValueError, match="covariance"):
         sample_ddim_gmm(model, x, sig, covariance="full", disable=True)
-    with pytest.raises(ValueError, match="smaller than the latent size"):
+    with pytest.raises(ValueError, match="at most the latent size"):
         sample_ddim_gmm(model, x, sig, components=8, disable=True)
     with pytest.raises(ValueError, match="non-increasing"):
         sample_ddim_gmm(model, x, torch.tensor([1.0, 2.0, 0.0]), disable=True)

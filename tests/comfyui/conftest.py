@@ -240,3 +240,20 @@ def execution_error(comfy):
         return errors[0]["exception_message"]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def run_prompt_events(comfy):
+    """Executes a valid prompt and returns ComfyUI's status events [(event, data), ...]."""
+    import execution
+
+    def run(prompt: dict) -> list:
+        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        assert valid, (error, node_errors)
+        CAPTURED.clear()
+        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+        return executor.status_messages
+
+    return run

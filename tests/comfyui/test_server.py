@@ -118,8 +118,8 @@ def test_front_end_loads_workflow_and_draws_the_sigma_plot(server):
     playwright = pytest.importorskip("playwright.sync_api")
     url, base = server
     workflow = json.loads((REPO / "example_workflows" / "fs_er_sde_sampler_custom.json").read_text())
-    shots = base / "screenshots"
-    shots.mkdir()
+    shots = Path(os.environ.get("FS_SCREENSHOT_DIR", base / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -1,0 +1,57 @@
+"""Progress bar, latent previews and interruption reach every sampler through its callback."""
+import pytest
+from graphs import sampler_custom_graph
+
+SAMPLER_NODES = {
+    "er_sde": {"class_type": "FS_ERSDESolver", "inputs": {
+        "order": 3, "noise_fn": "sde_5", "eta": 1.0, "p": 2.0, "a": 0.0, "s_noise": 1.0, "noise": "gaussian",
+        "derivatives": "corrected", "quadrature": "exact", "flow_start": "exact", "final_step": "denoise"}},
+    "ddim_gmm": {"class_type": "FS_DDIMGMM", "inputs": {
+        "eta": 0.5, "eta_convention": "ddim", "components": 8, "scale": 0.9, "scale_units": "relative",
+        "offsets": "ortho", "covariance": "strict", "share_across_steps": False, "offset_seed": 0,
+        "skip_last_offsets": 0, "on_infeasible": "clamp"}},
+}
+
+
+@pytest.fixture
+def hook(comfy):
+    """The global progress hook main.py installs: records updates and honours interruption;
+    latent2rgb previews switched on."""
+    import comfy.cli_args
+    import comfy.model_management
+    import comfy.utils
+
+    updates = []
+    interrupt_at = {"step": None}
+
+    def progress(value, total, preview, node_id=None):
+        updates.append((value, total, preview))
+        if value == interrupt_at["step"]:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    old_method = comfy.cli_args.args.preview_method
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+    comfy.utils.set_progress_bar_global_hook(progress)
+    yield updates, interrupt_at
+    comfy.utils.set_progress_bar_global_hook(None)
+    comfy.cli_args.args.preview_method = old_method
+    comfy.model_management.interrupt_current_processing(False)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_NODES))
+def test_progress_and_previews_every_step(run_prompt, hook, name):
+    updates, _ = hook
+    run_prompt(sampler_custom_graph({"10": SAMPLER_NODES[name]}, ["10", 0], steps=6))
+    sampling = [u for u in updates if u[1] == 6]
+    assert [u[0] for u in sampling] == [1, 2, 3, 4, 5, 6]
+    assert all(u[2] is not None for u in sampling), "no latent preview was produced"
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_NODES))
+def test_interrupt_stops_sampling(run_prompt_events, hook, name):
+    updates, interrupt_at = hook
+    interrupt_at["step"] = 3
+    events = run_prompt_events(sampler_custom_graph({"10": SAMPLER_NODES[name]}, ["10", 0], steps=8))
+    assert any(event == "execution_interrupted" for event, _ in events), [e for e, _ in events]
+    assert max(u[0] for u in updates if u[1] == 8) == 3
