@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from sync_counter import CountSyncs
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde, sample_euler, sample_heun
 from comfyui_fast_samplers.samplers.er_sde import (
@@ -204,24 +204,13 @@ def test_repeated_sigma_is_a_zero_length_step():
     torch.testing.assert_close(out, sample_er_sde(model, x, base, noise_fn="ode", disable=True), rtol=0, atol=0)
 
 
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("noise_fn", ["sde_5", "ode"])
 def test_no_host_device_sync_inside_the_loop(noise_fn):
     """Between the first and the last model call (the step loop) nothing reads a tensor value
     back to the host; the float64 plan is built before the loop."""
     sigmas = karras_sigmas(20, 0.03, 14.6).to(torch.float32)
     x = torch.randn(2, 4, 8, 8)
-    counter = _CountSyncs()
+    counter = CountSyncs()
     at_call = []
 
     def model(x, sigma, **extra_args):

@@ -1,0 +1,423 @@
+"""DBIM (Zheng et al., arXiv 2405.15885) and the DDBM hybrid Heun sampler (Zhou et al., arXiv
+2309.16948) for diffusion bridges, plus DBIM encoding, reconstruction and interpolation.
+
+A bridge denoiser is ``denoiser(x_t, t, x_T) -> x0_hat`` with ``t`` a [B] tensor of bridge times
+(``BridgeDenoiser`` wraps a network with its preconditioning; ``bridge_testbed.ExactBridgeModel``
+is exact). Every DBIM step is ``x <- k x + cT x_T + w0 x0_s + w1 x0_u1 + w2 x0_u2 + omega z`` with
+float64 scalars computed once per run (``plan_dbim``); the loops only call the denoiser and do
+axpy updates. Spec: shared/specs/dbim.md sections 3, 4.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .bridge import BridgeSchedule
+from .common import progress, report
+
+SAMPLERS = ("dbim", "dbim_high_order", "ddbm_heun")
+
+
+# ---- noise ------------------------------------------------------------------------------------
+
+def row_seeded_noise(seed: int, like: torch.Tensor):
+    """Per-row CPU generators seeded seed + i (ComfyUI convention, device independent): each call
+    returns one standard-normal draw shaped like ``like``; row i does not depend on the batch size."""
+    gens = [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(like.shape[0])]
+    shape = tuple(like.shape[1:])
+
+    def draw():
+        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        return z.to(like.device, like.dtype)
+
+    return draw
+
+
+def slerp(eps_a: torch.Tensor, eps_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation per sample (flattened); linear where the two are (nearly) parallel."""
+    dtype = _time_dtype(eps_a)
+    a, b = eps_a.flatten(1).to(dtype), eps_b.flatten(1).to(dtype)
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.arccos(cos).unsqueeze(1)
+    sin = torch.sin(theta)
+    close = sin.abs() < 1e-6
+    safe = torch.where(close, torch.ones_like(sin), sin)
+    wa = torch.where(close, 1 - weight * torch.ones_like(sin), torch.sin((1 - weight) * theta) / safe)
+    wb = torch.where(close, weight * torch.ones_like(sin), torch.sin(weight * theta) / safe)
+    return (wa * a + wb * b).reshape(eps_a.shape).to(eps_a.dtype)
+
+
+def _masked(denoiser, mask):
+    """Inpainting: keep the known pixels (mask 0) of x_T in every x0 prediction (mask 1 = hole)."""
+    if mask is None:
+        return denoiser
+
+    def call(x_t, t, x_T):
+        return mask * denoiser(x_t, t, x_T) + (1 - mask) * x_T
+
+    return call
+
+
+def _time_dtype(x: torch.Tensor):
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _times(x: torch.Tensor, t: float) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=_time_dtype(x), device=x.device)
+
+
+# ---- the DBIM plan --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DBIMStep:
+    t: float  # the model is evaluated at this time (s)
+    t_next: float
+    k: float  # weight of x_s
+    cT: float  # weight of x_T
+    w: tuple  # weights of x0_hat at s, u1, u2 (the last three evaluations)
+    noise: float  # std of the fresh noise (omega; 0 on the last step and for eta = 0)
+    order: int
+
+
+def _phis(h: float):
+    """phi_1 = 1 - e^-h, phi_2 = e^-h + h - 1, phi_3 = h^2/2 - h + 1 - e^-h (expm1, no cancellation)."""
+    em1 = math.expm1(-h)
+    return -em1, em1 + h, h * h / 2 - h - em1
+
+
+def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
+              lower_order_final: bool = True) -> list[DBIMStep]:
+    """Coefficients of DBIM over the grid ``ts`` (float64 host math).
+
+    Order 1 is DBIM with stochasticity ``eta`` in [0, 1]:
+        x_t = a_t x_T + b_t x0 + sqrt(c_t^2 - omega^2) eps_hat + omega z,
+        omega = eta alpha_t rho_t sqrt(1 - rho_t^2 / rho_s^2).
+    Orders 2, 3 are the exponential multistep solvers of the DBIM ODE in lambda = log(b/c)
+    (eta = 0): x_t = (c_t/c_s) x_s + (a_t - (c_t/c_s) a_s) x_T + b_t [phi_1 x0_s + phi_2 D1 + phi_3 D2].
+    The first step is order 1, order 3 uses order 2 on step 2, and (``lower_order_final``) the last
+    step is order 1, as the reference. A grid of increasing times gives the inverse map (encoding)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DBIM: order must be 1, 2 or 3, got {order}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DBIM: eta must be in [0, 1] (eta > 1 makes c_t^2 - omega^2 negative), got {eta}.")
+    if order > 1 and eta != 0.0:
+        raise ValueError("DBIM: the high-order solvers (order 2, 3) are deterministic; use eta = 0.")
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    if ts.numel() < 2:
+        raise ValueError("DBIM: the grid needs at least two times.")
+    ascending = bool(ts[-1] > ts[0])
+    if eta > 0 and ascending:
+        raise ValueError("DBIM: eta > 0 has no inverse; encode with eta = 0.")
+    a, b, c = (v.tolist() for v in schedule.abc(ts))
+    alpha, rho, _ = (v.tolist() for v in schedule.alpha_rho(ts))
+    lam = [math.log(bi) - math.log(ci) for bi, ci in zip(b, c)]
+    last = len(ts) - 2
+    steps = []
+    for n in range(last + 1):
+        s, t = n, n + 1
+        step_order = 1 if n == 0 or (lower_order_final and n == last) else min(order, n + 1)
+        if eta > 0:
+            omega = eta * alpha[t] * rho[t] * math.sqrt(max(1 - rho[t] ** 2 / rho[s] ** 2, 0.0))
+            var = c[t] ** 2 - omega**2
+            if var < -1e-12 * c[t] ** 2:
+                raise ValueError(f"DBIM: c_t^2 - omega^2 < 0 at t = {float(ts[t])} (eta = {eta}).")
+            k = math.sqrt(max(var, 0.0)) / c[s]
+        else:
+            omega, k = 0.0, c[t] / c[s]
+        w = [0.0, 0.0, 0.0]
+        if step_order == 1:
+            w[0] = b[t] - k * b[s]
+        else:
+            h, h1 = lam[t] - lam[s], lam[s] - lam[s - 1]
+            phi1, phi2, phi3 = _phis(h)
+            if step_order == 2:
+                d1 = (1 / h1, -1 / h1, 0.0)
+                d2 = (0.0, 0.0, 0.0)
+            else:
+                h2 = lam[s - 1] - lam[s - 2]
+                d1 = ((2 * h1 + h2) / (h1 * (h1 + h2)),
+                      -(2 * h1 + h2) / (h1 * (h1 + h2)) - h1 / (h2 * (h1 + h2)),
+                      h1 / (h2 * (h1 + h2)))
+                d2 = (2 / (h1 * (h1 + h2)), -2 / (h1 * (h1 + h2)) - 2 / (h2 * (h1 + h2)), 2 / (h2 * (h1 + h2)))
+            w = [b[t] * (phi1 * (j == 0) + phi2 * d1[j] + phi3 * d2[j]) for j in range(3)]
+        steps.append(DBIMStep(t=float(ts[s]), t_next=float(ts[t]), k=k, cT=a[t] - k * a[s], w=tuple(w),
+                              noise=omega if n < last else 0.0, order=step_order))
+    return steps
+
+
+def _run_plan(denoiser, x, x_T, plan, noise_sampler, callback, first_index, disable):
+    history = [None, None, None]
+    for n in progress(len(plan), disable):
+        step = plan[n]
+        x0 = denoiser(x, _times(x, step.t), x_T)
+        history = [x0, history[0], history[1]]
+        report(callback, first_index + n, x, step.t, x0)
+        update = step.k * x + step.cT * x_T
+        for weight, d in zip(step.w, history):
+            if weight != 0.0:
+                update = update + weight * d
+        if step.noise != 0.0:
+            update = update + step.noise * noise_sampler()
+        x = update
+    return x
+
+
+def _grid(schedule, steps, ts, spacing):
+    if ts is not None:
+        return torch.as_tensor(ts, dtype=torch.float64).cpu()
+    if steps is None:
+        raise ValueError("DBIM: give steps (NFE - 1) or an explicit grid ts.")
+    return schedule.dbim_grid(int(steps), spacing)
+
+
+# ---- samplers ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_dbim(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, steps: int | None = None, *,
+                eta: float = 0.0, order: int = 1, spacing: str = "uniform_t", ts=None, noise=None,
+                noise_sampler=None, seed: int = 0, mask=None, lower_order_final: bool = True,
+                callback=None, disable=None) -> torch.Tensor:
+    """DBIM from the condition x_T: NFE = steps + 1 (one call at T, then one per step).
+
+    ``noise``: the booting noise (the latent of eta = 0 sampling); drawn from ``noise_sampler``
+    when None (default: per-row generators seeded seed + i; the booting noise is their first draw,
+    eta noise the following draws). ``mask`` [B,1,H,W] (1 = regenerate) for inpainting models.
+    ``order`` 2, 3: high-order DBIM (eta must be 0). Returns x at t_min (not clamped)."""
+    ts = _grid(schedule, steps, ts, spacing)
+    plan = plan_dbim(schedule, ts, eta, order, lower_order_final)
+    denoiser = _masked(denoiser, mask)
+    if noise_sampler is None:
+        noise_sampler = row_seeded_noise(seed, x_T)
+    eps = noise_sampler() if noise is None else noise.to(x_T.device, x_T.dtype)
+    a, b, c = (float(v) for v in schedule.abc(ts[:1]))
+    x0 = denoiser(x_T, _times(x_T, schedule.t_max), x_T)
+    report(callback, 0, x_T, schedule.t_max, x0)
+    x = a * x_T + b * x0 + c * eps  # the eta = 1 step out of T: the booting noise enters here
+    return _run_plan(denoiser, x, x_T, plan, noise_sampler, callback, 1, disable)
+
+
+@torch.no_grad()
+def encode_dbim(denoiser, x_0: torch.Tensor, x_T: torch.Tensor, schedule: BridgeSchedule,
+                steps: int | None = None, *, order: int = 1, spacing: str = "uniform_t", ts=None, mask=None,
+                callback=None, disable=None) -> torch.Tensor:
+    """The booting noise whose eta = 0 DBIM decode is x_0 (inversion on the same grid, NFE = steps + 1)."""
+    ts = _grid(schedule, steps, ts, spacing)
+    plan = plan_dbim(schedule, ts.flip(0), 0.0, order)
+    denoiser = _masked(denoiser, mask)
+    x = _run_plan(denoiser, x_0.to(x_T.dtype), x_T, plan, None, callback, 0, disable)
+    x0 = denoiser(x_T, _times(x_T, schedule.t_max), x_T)
+    report(callback, len(plan), x, schedule.t_max, x0)
+    a, b, c = (float(v) for v in schedule.abc(ts[:1]))
+    return (x - a * x_T - b * x0) / c
+
+
+def interpolate_dbim(denoiser, x_T: torch.Tensor, eps_a: torch.Tensor, eps_b: torch.Tensor,
+                     schedule: BridgeSchedule, steps: int, frames: int, **options) -> list[torch.Tensor]:
+    """eta = 0 decodes of slerp(eps_a, eps_b; i / (frames - 1)), i = 0..frames-1."""
+    weights = [0.0] if frames == 1 else [i / (frames - 1) for i in range(frames)]
+    return [sample_dbim(denoiser, x_T, schedule, steps, noise=slerp(eps_a, eps_b, w), eta=0.0, **options)
+            for w in weights]
+
+
+def _drift(schedule: BridgeSchedule, ts, stochastic: bool):
+    """Weights (P, Q, R) of d = P x + Q x_T + R D for DDBM's drift at times ts:
+    d = f x - g^2 (m s - h), s = -(x - a x_T - b D)/c^2, h = -(x - (alpha/alpha_T) x_T)/(alpha rho_bar)^2,
+    m = 1 (reverse SDE) or 1/2 (probability-flow ODE); dt already scaled (i2sb: x 999)."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    f, g2 = schedule.f_g2(ts)
+    alpha, _, rho_bar = schedule.alpha_rho(ts)
+    a, b, c = schedule.abc(ts)
+    m = 1.0 if stochastic else 0.5
+    inv_h = 1 / (alpha * rho_bar) ** 2
+    P = f + g2 * (m / c**2 - inv_h)
+    Q = -g2 * m * a / c**2 + g2 * (alpha / schedule.alpha_T) * inv_h
+    R = -g2 * m * b / c**2
+    return P.tolist(), Q.tolist(), R.tolist(), g2.tolist()
+
+
+@torch.no_grad()
+def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, steps: int, *,
+                     churn_step_ratio: float = 0.33, rho: float = 7.0, noise_sampler=None, seed: int = 0,
+                     mask=None, callback=None, disable=None) -> torch.Tensor:
+    """DDBM's hybrid sampler: per step an Euler-Maruyama step of the bridge SDE over a fraction
+    ``churn_step_ratio`` of the step, then a Heun step of the probability-flow ODE (Euler on the
+    last step, to t = 0). Starts at x = x_T; NFE = 3 steps - 1 (churn > 0) or 2 steps - 1."""
+    if not 0.0 <= churn_step_ratio < 1.0:
+        raise ValueError(f"DDBM Heun: churn_step_ratio must be in [0, 1), got {churn_step_ratio}.")
+    ts = schedule.heun_grid(int(steps), rho).tolist()
+    scale = schedule.heun_time_scale
+    churn = churn_step_ratio > 0
+    t_hats = [t + churn_step_ratio * (t_next - t) for t, t_next in zip(ts[:-1], ts[1:])] if churn else ts[:-1]
+    sde = _drift(schedule, ts[:-1], True)
+    ode_hat = _drift(schedule, t_hats, False)
+    ode_next = _drift(schedule, [max(t, schedule.t_min) for t in ts[1:]], False)  # unused where t_next = 0
+    denoiser = _masked(denoiser, mask)
+    if noise_sampler is None and churn:
+        noise_sampler = row_seeded_noise(seed, x_T)
+    x = x_T
+    call = 0
+    for i in progress(len(ts) - 1, disable):
+        t, t_hat, t_next = ts[i], t_hats[i], ts[i + 1]
+        if churn:
+            x0 = denoiser(x, _times(x, t), x_T)
+            report(callback, call, x, t, x0)
+            call += 1
+            dt = (t_hat - t) * scale
+            x = x + (sde[0][i] * x + sde[1][i] * x_T + sde[2][i] * x0) * dt \
+                + (math.sqrt(abs(dt) * sde[3][i]) * noise_sampler())
+        x0 = denoiser(x, _times(x, t_hat), x_T)
+        report(callback, call, x, t_hat, x0)
+        call += 1
+        dt = (t_next - t_hat) * scale
+        d1 = ode_hat[0][i] * x + ode_hat[1][i] * x_T + ode_hat[2][i] * x0
+        if t_next == 0.0:
+            x = x + d1 * dt
+            continue
+        x_pred = x + d1 * dt
+        x0 = denoiser(x_pred, _times(x, t_next), x_T)
+        report(callback, call, x_pred, t_next, x0)
+        call += 1
+        d2 = ode_next[0][i] * x_pred + ode_next[1][i] * x_T + ode_next[2][i] * x0
+        x = x + 0.5 * (d1 + d2) * dt
+    return x
+
+
+# ---- the network denoiser ------------------------------------------------------------------------
+
+class BridgeDenoiser:
+    """D(x_t, t, x_T) = c_skip x_t + c_out F(c_in x_t, c_noise, x_T[, y]) for a bridge network F
+    (DDBM / DBIM UNets: x_T enters unscaled as extra channels). The network runs in its own dtype
+    with an fp32 noise level; the result comes back in x_t's dtype, clamped to [-1, 1] when ``clip``."""
+
+    def __init__(self, net, schedule: BridgeSchedule, class_labels: torch.Tensor | None = None,
+                 clip: bool = True, dtype: torch.dtype | None = None):
+        self.net, self.schedule, self.class_labels, self.clip = net, schedule, class_labels, clip
+        self.dtype = dtype if dtype is not None else next(net.parameters()).dtype
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        c_skip, c_in, c_out, c_noise = (v.to(x_t.dtype).reshape(shape) for v in self.schedule.scalings(t))
+        out = self.net((c_in * x_t).to(self.dtype), c_noise.reshape(-1).to(torch.float32), x_T.to(self.dtype),
+                       y=self.class_labels)
+        denoised = c_skip * x_t + c_out * out.to(x_t.dtype)
+        return denoised.clamp(-1, 1) if self.clip else denoised
+
+
+# ---- presets and checkpoint files ----------------------------------------------------------------
+
+TASKS = ("translate", "inpaint")
+
+
+@dataclass(frozen=True)
+class BridgePreset:
+    """What a checkpoint needs besides its weights: network structure, bridge schedule (with its
+    preconditioning), task, and how a condition image is resized to the training resolution."""
+
+    name: str
+    adm: "ADMConfig"
+    schedule: BridgeSchedule
+    task: str = "translate"
+    resize: str = "bicubic"  # bicubic (photos, edge maps) | nearest (normal maps)
+
+    def to_json(self) -> str:
+        import json
+        from dataclasses import asdict
+
+        return json.dumps({"name": self.name, "adm": self.adm.to_dict(), "schedule": asdict(self.schedule),
+                           "task": self.task, "resize": self.resize})
+
+    @classmethod
+    def from_json(cls, text: str) -> "BridgePreset":
+        import json
+
+        from .adm_unet import ADMConfig
+
+        d = json.loads(text)
+        return cls(d["name"], ADMConfig.from_dict(d["adm"]), BridgeSchedule(**d["schedule"]), d["task"], d["resize"])
+
+
+def _presets():
+    from .adm_unet import ADM_CONFIGS
+    from .bridge import SCHEDULE_PRESETS
+    from .bridge_testbed import toy_adm_config
+
+    return {
+        "e2h": BridgePreset("e2h", ADM_CONFIGS["e2h"], SCHEDULE_PRESETS["vp"], "translate", "bicubic"),
+        "diode": BridgePreset("diode", ADM_CONFIGS["diode"], SCHEDULE_PRESETS["vp"], "translate", "nearest"),
+        "imagenet_inpaint": BridgePreset("imagenet_inpaint", ADM_CONFIGS["imagenet_inpaint"], SCHEDULE_PRESETS["i2sb"],
+                                         "inpaint", "bicubic"),
+        "toy_shapes16": BridgePreset("toy_shapes16", toy_adm_config(), SCHEDULE_PRESETS["vp"], "translate", "nearest"),
+    }
+
+
+BRIDGE_PRESETS = _presets()
+METADATA_KEY = "fs_bridge_preset"
+
+
+def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePreset:
+    """The preset stored in our safetensors metadata, else the released checkpoint with this structure,
+    else a custom preset from the inferred structure (label_emb -> ImageNet-style i2sb inpainting with
+    legacy attention, otherwise a VP translation model with the DDBM attention order)."""
+    from .adm_unet import infer_adm_config, matching_preset
+    from .bridge import SCHEDULE_PRESETS
+
+    if metadata and METADATA_KEY in metadata:
+        return BridgePreset.from_json(metadata[METADATA_KEY])
+    config = infer_adm_config(state_dict)
+    name = matching_preset(config)
+    if name is not None:
+        return BRIDGE_PRESETS[name]
+    inpaint = config.num_classes is not None
+    return BridgePreset("custom", config, SCHEDULE_PRESETS["i2sb" if inpaint else "vp"],
+                        "inpaint" if inpaint else "translate")
+
+
+def load_bridge_checkpoint(path: str):
+    """(state_dict, metadata) from .safetensors or a .pt / .pth of plain tensors (weights_only=True:
+    never arbitrary pickle). Accepts {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes."""
+    path = str(path)
+    if path.lower().endswith((".safetensors", ".sft")):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a DDBM / DBIM UNet state dict).")
+    return {k.removeprefix("module."): v for k, v in sd.items()}, {}
+
+
+def save_bridge_safetensors(state_dict: dict, path: str, preset: BridgePreset) -> bool:
+    """Write ``path`` atomically and never over an existing file (False if it exists). Attention
+    kernels are stored squeezed (Conv1d); the preset goes into the metadata."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .adm_unet import squeeze_attention_kernels
+
+    if os.path.exists(path):
+        return False
+    tensors = {k: v.detach().cpu().contiguous() for k, v in squeeze_attention_kernels(state_dict).items()}
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=".fs_bridge_", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: preset.to_json()})
+        try:
+            os.link(tmp, path)  # atomic, fails if path appeared meanwhile
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            if os.path.exists(path):
+                return False
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True

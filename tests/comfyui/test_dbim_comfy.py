@@ -1,0 +1,105 @@
+"""Tier 2: the bridge nodes inside a real ComfyUI (in process, CPU), with the tiny toy bridge model."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "toy_bridge_vp16.safetensors"
+IMAGES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def bridge_env(comfy, tmp_path_factory):
+    """A models folder holding the toy model, an input folder with a toy edge map and target, and an
+    IMAGE capture node."""
+    import folder_paths
+    from PIL import Image
+
+    from comfyui_fast_samplers.samplers.bridge_testbed import toy_pairs
+
+    models = tmp_path_factory.mktemp("bridge_models")
+    shutil.copy(ASSET, models / "toy.safetensors")
+    folder_paths.add_model_folder_path("fs_bridge_models", str(models))
+    inputs = tmp_path_factory.mktemp("input")
+    old_dirs = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    folder_paths.set_input_directory(str(inputs))
+    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
+    x0, x_T, _ = toy_pairs(1, torch.Generator().manual_seed(3))
+    for name, x in (("edges.png", x_T), ("target.png", x0)):
+        pixels = (((x[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1) * 255).round().byte().numpy()
+        Image.fromarray(pixels).save(inputs / name)
+
+    class CaptureImage:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE",), "label": ("STRING", {"default": "out"})}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "capture"
+        OUTPUT_NODE = True
+        CATEGORY = "testing"
+
+        def capture(self, images, label):
+            IMAGES[label] = images.clone()
+            return {}
+
+    comfy.NODE_CLASS_MAPPINGS["FSTest_CaptureImage"] = CaptureImage
+    yield
+    folder_paths.set_input_directory(old_dirs[0])
+    folder_paths.set_output_directory(old_dirs[1])
+
+
+LOADER = {"class_type": "FS_BridgeModelLoader", "inputs": {
+    "ckpt_name": "toy.safetensors", "preset": "auto", "dtype": "fp32", "save_safetensors": False,
+    "custom_schedule": "vp", "beta_d": 2.0, "beta_min": 0.1, "sigma_max": 80.0, "attention_order": "auto"}}
+COMMON = {"nfe": 10, "order": 1, "grid": "uniform_t", "size": "resize_to_model", "class_label": 0}
+
+
+def _sampler(**overrides):
+    inputs = {"bridge_model": ["2", 0], "condition": ["1", 0], "seed": 5, "sampler": "dbim", "eta": 0.0,
+              "churn_step_ratio": 0.33, "clip_denoised": True, "paste_known": False, **COMMON}
+    inputs.update(overrides)
+    return {"class_type": "FS_BridgeSampler", "inputs": inputs}
+
+
+def test_load_sample_save(bridge_env, run_prompt):
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER, "3": _sampler(),
+              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "fs_bridge_test"}},
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    run_prompt(prompt)
+    first = IMAGES["a"]
+    assert first.shape == (1, 16, 16, 3) and 0 <= float(first.min()) and float(first.max()) <= 1
+    run_prompt(prompt)
+    assert torch.equal(IMAGES["a"], first)  # same seed, same bits
+    for options in (dict(sampler="dbim_high_order", order=3), dict(sampler="ddbm_heun", nfe=20),
+                    dict(eta=0.5, seed=6)):
+        run_prompt({**prompt, "3": _sampler(**options)})
+        assert IMAGES["a"].shape == first.shape
+
+
+def test_encode_then_interpolate_gives_all_frames(bridge_env, run_prompt):
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+              "2": LOADER,
+              "5": {"class_type": "LoadImage", "inputs": {"image": "target.png"}},
+              "6": {"class_type": "FS_BridgeEncode", "inputs": {"bridge_model": ["2", 0], "condition": ["1", 0],
+                                                                "target": ["5", 0], **COMMON}},
+              "7": {"class_type": "FS_BridgeInterpolate", "inputs": {
+                  "bridge_model": ["2", 0], "condition": ["1", 0], "frames": 5, "seed_a": 0, "seed_b": 1,
+                  "latent_a": ["6", 0], **COMMON}},
+              "8": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["7", 0], "label": "frames"}},
+              "9": {"class_type": "FS_BridgeSampler", "inputs": {**_sampler()["inputs"], "latent": ["6", 0]}},
+              "10": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["9", 0], "label": "rec"}}}
+    run_prompt(prompt)
+    assert IMAGES["frames"].shape == (5, 16, 16, 3)
+    assert torch.equal(IMAGES["frames"][0], IMAGES["rec"][0])  # frame 0 decodes latent_a
+
+
+def test_wrong_inputs_give_clear_errors(bridge_env, execution_error):
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER,
+              "3": _sampler(sampler="dbim_high_order", order=1),
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    assert "order 2 or 3" in execution_error(prompt)
+    prompt["3"] = _sampler(mask=["10", 0])
+    prompt["10"] = {"class_type": "FS_BridgeCentreMask", "inputs": {"image": ["1", 0]}}
+    assert "only for inpainting models" in execution_error(prompt)
