@@ -80,10 +80,28 @@ def ddim_gmm_sampler_custom() -> dict:
     return g
 
 
+def dbim_edges_to_handbag() -> dict:
+    """Photo -> edge map -> DBIM (20 NFE, deterministic) on the DDBM edges->handbags model."""
+    return {
+        "1": {"class_type": "FS_BridgeModelLoader", "inputs": {
+            "ckpt_name": "e2h_ema_0.9999_420000.pt", "preset": "auto", "dtype": "fp32", "save_safetensors": False,
+            "custom_schedule": "vp", "beta_d": 2.0, "beta_min": 0.1, "sigma_max": 80.0, "attention_order": "auto"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "handbag.png"}},
+        "3": {"class_type": "FS_BridgeEdgeMap", "inputs": {"image": ["2", 0], "low_threshold": 0.1,
+                                                           "high_threshold": 0.2, "blur_sigma": 1.0, "thickness": 0}},
+        "4": {"class_type": "FS_BridgeSampler", "inputs": {
+            "bridge_model": ["1", 0], "condition": ["3", 0], "seed": 42, "sampler": "dbim", "eta": 0.0,
+            "churn_step_ratio": 0.33, "nfe": 20, "order": 1, "grid": "uniform_t", "size": "resize_to_model",
+            "class_label": 0, "clip_denoised": True, "paste_known": False}},
+        "91": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "fs_dbim_handbag"}},
+    }
+
+
 EXAMPLES = {
     "fs_er_sde_sampler_custom": er_sde_sampler_custom,
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
     "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
+    "fs_dbim_edges_to_handbag": dbim_edges_to_handbag,
 }
 
 
@@ -112,7 +130,7 @@ def to_ui(prompt: dict, node_classes: dict) -> dict:
     out_links: dict[tuple, list] = {}
     for nid in ids:
         cls = node_classes[prompt[nid]["class_type"]]
-        inputs_ui, widgets = [], []
+        inputs_ui, widgets, tall = [], [], 0
         for name, d in _input_defs(cls):
             type_spec, options = d[0], (d[1] if len(d) > 1 else {})
             value = prompt[nid]["inputs"].get(name)
@@ -128,14 +146,16 @@ def to_ui(prompt: dict, node_classes: dict) -> dict:
                 inputs_ui.append(entry)
             elif _is_widget(type_spec):
                 widgets.append(value if value is not None else options.get("default"))
+                tall += 100 if options.get("multiline") else 0
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
         col = level(nid)
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        height = 80 + 26 * (len(widgets) + len(inputs_ui)) + tall
+        top = rows.get(col, 40)
+        rows[col] = top + height + 40
         nodes_ui.append({
-            "id": int(nid), "type": prompt[nid]["class_type"], "pos": [40 + 360 * col, 40 + 300 * row],
-            "size": [320, 120 + 26 * len(widgets)], "flags": {}, "order": 0, "mode": 0,
+            "id": int(nid), "type": prompt[nid]["class_type"], "pos": [40 + 360 * col, top],
+            "size": [320, height], "flags": {}, "order": 0, "mode": 0,
             "inputs": inputs_ui, "outputs": [], "properties": {"Node name for S&R": prompt[nid]["class_type"]},
             "widgets_values": widgets,
         })

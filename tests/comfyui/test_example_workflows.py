@@ -9,13 +9,37 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 API_FILES = sorted((EXAMPLES / "api").glob("*.json"))
 
 
-def weight_free(prompt: dict) -> dict:
-    """Swap the checkpoint for the weight-free model, text encoders for zero conditioning, and
-    decode + save for a latent capture (no weights, no VAE)."""
+TOY_BRIDGE = Path(__file__).resolve().parents[1] / "assets" / "toy_bridge_vp16.safetensors"
+
+
+@pytest.fixture(scope="module")
+def toy_bridge_model(comfy, tmp_path_factory):
+    """The tiny trained bridge model under the fs_bridge_models folder key."""
+    import shutil
+
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("fs_bridge_models")
+    shutil.copy(TOY_BRIDGE, folder / "toy.safetensors")
+    folder_paths.add_model_folder_path("fs_bridge_models", str(folder))
+    return "toy.safetensors"
+
+
+def weight_free(prompt: dict, bridge_model: str) -> dict:
+    """Swap the checkpoint for the weight-free model, text encoders for zero conditioning, decode +
+    save for a latent capture (no weights, no VAE), a bridge checkpoint for the toy bridge model and
+    a loaded image for a blank one."""
     out = {}
     for nid, node in prompt.items():
         cls = node["class_type"]
-        if cls == "CheckpointLoaderSimple":
+        if cls == "FS_BridgeModelLoader":
+            out[nid] = json.loads(json.dumps(node))
+            out[nid]["inputs"].update(ckpt_name=bridge_model)
+        elif cls == "LoadImage":
+            out[nid] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFFFFFF}}
+        elif cls == "SaveImage" and prompt[node["inputs"]["images"][0]]["class_type"] != "VAEDecode":
+            out[nid] = {"class_type": "PreviewImage", "inputs": {"images": node["inputs"]["images"]}}
+        elif cls == "CheckpointLoaderSimple":
             out[nid] = {"class_type": "FSTest_WeightFreeModel", "inputs": {"prediction": "eps"}}
         elif cls == "CLIPTextEncode":
             out[nid] = {"class_type": "FSTest_ZeroConditioning", "inputs": {}}
@@ -45,17 +69,17 @@ def test_every_example_has_both_formats():
 
 
 @pytest.mark.parametrize("api", API_FILES, ids=[p.stem for p in API_FILES])
-def test_example_executes_on_the_weight_free_model(run_prompt, api):
-    prompt = weight_free(json.loads(api.read_text()))
-    captured = run_prompt(prompt)
-    assert captured, "nothing was captured"
+def test_example_executes_on_the_weight_free_model(run_prompt, toy_bridge_model, api):
+    prompt = weight_free(json.loads(api.read_text()), toy_bridge_model)
+    captured = run_prompt(prompt)  # raises if any node fails
     for latent in captured.values():
         assert torch.isfinite(latent).all()
 
 
 @pytest.mark.parametrize("api", API_FILES, ids=[p.stem for p in API_FILES])
 def test_example_validates_unmodified(validate, api):
-    """With the user's model names the graph fails only on the missing checkpoint file."""
+    """With the user's model and image names the graph fails only on those missing files."""
     valid, error, node_errors = validate(json.loads(api.read_text()))
     problems = [e for n in node_errors.values() for e in n["errors"]]
-    assert all(e["type"] == "value_not_in_list" and "ckpt_name" in e["details"] for e in problems), problems
+    assert all(e["type"] in ("value_not_in_list", "custom_validation_failed")
+               and any(k in e["details"] for k in ("ckpt_name", "image")) for e in problems), problems

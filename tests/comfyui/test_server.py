@@ -117,7 +117,7 @@ def test_bad_prompt_is_refused_with_a_message(server):
 def test_front_end_loads_workflow_and_draws_the_sigma_plot(server):
     playwright = pytest.importorskip("playwright.sync_api")
     url, base = server
-    workflow = json.loads((REPO / "example_workflows" / "fs_er_sde_sampler_custom.json").read_text())
+    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "example_workflows").glob("*.json"))}
     shots = Path(os.environ.get("FS_SCREENSHOT_DIR", base / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -129,14 +129,15 @@ def test_front_end_loads_workflow_and_draws_the_sigma_plot(server):
         page.goto(url, wait_until="domcontentloaded")
         page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=90_000)
         page.wait_for_function("() => window.app.extensions.some(e => e.name === 'fs.sigmaPlot')", timeout=60_000)
-        missing = page.evaluate("""async (wf) => {
-            await window.app.loadGraphData(wf);
-            return wf.nodes.map(n => n.type).filter(t => !window.LiteGraph.registered_node_types[t]);
-        }""", workflow)
-        assert missing == []
-        assert page.evaluate("() => window.app.graph._nodes.length") == len(workflow["nodes"])
-        page.keyboard.press("Escape")  # the missing-checkpoint notice: no weights on this machine
-        page.screenshot(path=str(shots / "workflow.png"))
+        for name, workflow in workflows.items():
+            missing = page.evaluate("""async (wf) => {
+                await window.app.loadGraphData(wf);
+                return wf.nodes.map(n => n.type).filter(t => !window.LiteGraph.registered_node_types[t]);
+            }""", workflow)
+            assert missing == [], name
+            assert page.evaluate("() => window.app.graph._nodes.length") == len(workflow["nodes"]), name
+            page.keyboard.press("Escape")  # the missing-model notice: no weights on this machine
+            page.screenshot(path=str(shots / f"{name}.png"))
         # Run a weight-free graph from the page and check the plot's data arrived on the node.
         page.evaluate("""async () => {
             const karras = window.LiteGraph.createNode("KarrasScheduler");
