@@ -97,11 +97,68 @@ def dbim_edges_to_handbag() -> dict:
     }
 
 
+def _bridge_loader(ckpt: str) -> dict:
+    return {"class_type": "FS_BridgeModelLoader", "inputs": {
+        "ckpt_name": ckpt, "preset": "auto", "dtype": "fp32", "save_safetensors": False, "custom_schedule": "vp",
+        "beta_d": 2.0, "beta_min": 0.1, "sigma_max": 80.0, "attention_order": "auto"}}
+
+
+def _bridge_sampler(model_ref, condition_ref, **overrides) -> dict:
+    inputs = {"bridge_model": model_ref, "condition": condition_ref, "seed": 42, "sampler": "dbim", "eta": 0.0,
+              "churn_step_ratio": 0.33, "nfe": 20, "order": 1, "grid": "uniform_t", "size": "resize_to_model",
+              "class_label": 0, "clip_denoised": True, "paste_known": False}
+    inputs.update(overrides)
+    return {"class_type": "FS_BridgeSampler", "inputs": inputs}
+
+
+def dbim_encode_interpolate() -> dict:
+    """Encode a real handbag photo to its booting noise, then morph to another seed's result."""
+    return {
+        "1": _bridge_loader("e2h_ema_0.9999_420000.pt"),
+        "2": {"class_type": "LoadImage", "inputs": {"image": "handbag.png"}},
+        "3": {"class_type": "FS_BridgeEdgeMap", "inputs": {"image": ["2", 0], "low_threshold": 0.1,
+                                                           "high_threshold": 0.2, "blur_sigma": 1.0, "thickness": 0}},
+        "4": {"class_type": "FS_BridgeEncode", "inputs": {
+            "bridge_model": ["1", 0], "condition": ["3", 0], "target": ["2", 0], "nfe": 20, "order": 2,
+            "grid": "uniform_t", "size": "resize_to_model", "class_label": 0}},
+        "5": {"class_type": "FS_BridgeInterpolate", "inputs": {
+            "bridge_model": ["1", 0], "condition": ["3", 0], "frames": 8, "seed_a": 0, "seed_b": 7, "nfe": 20,
+            "order": 1, "grid": "uniform_t", "size": "resize_to_model", "class_label": 0, "latent_a": ["4", 0]}},
+        "91": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "fs_dbim_morph"}},
+    }
+
+
+def dbim_inpaint_centre() -> dict:
+    """ImageNet 256 centre inpainting (class-conditional I2SB-style bridge), known pixels pasted back."""
+    return {
+        "1": _bridge_loader("imagenet256_inpaint_ema_0.9999_400000.pt"),
+        "2": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "3": {"class_type": "FS_BridgeCentreMask", "inputs": {"image": ["2", 0]}},
+        "4": _bridge_sampler(["1", 0], ["2", 0], mask=["3", 0], class_label=207, paste_known=True),
+        "91": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "fs_dbim_inpaint"}},
+    }
+
+
+def dbim_normal_to_photo() -> dict:
+    """DIODE outdoor: a normal map rendered the way the model was trained, translated to a photo."""
+    return {
+        "1": _bridge_loader("diode_ema_0.9999_440000.pt"),
+        "2": {"class_type": "LoadImage", "inputs": {"image": "normals.png"}},
+        "3": {"class_type": "FS_BridgeNormalMap", "inputs": {"normal_map": ["2", 0], "flip_x": False, "flip_y": False,
+                                                             "flip_z": False}},
+        "4": _bridge_sampler(["1", 0], ["3", 0]),
+        "91": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "fs_dbim_diode"}},
+    }
+
+
 EXAMPLES = {
     "fs_er_sde_sampler_custom": er_sde_sampler_custom,
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
     "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
     "fs_dbim_edges_to_handbag": dbim_edges_to_handbag,
+    "fs_dbim_encode_interpolate": dbim_encode_interpolate,
+    "fs_dbim_inpaint_centre": dbim_inpaint_centre,
+    "fs_dbim_normal_to_photo": dbim_normal_to_photo,
 }
 
 

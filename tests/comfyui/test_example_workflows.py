@@ -27,8 +27,8 @@ def toy_bridge_model(comfy, tmp_path_factory):
 
 def weight_free(prompt: dict, bridge_model: str) -> dict:
     """Swap the checkpoint for the weight-free model, text encoders for zero conditioning, decode +
-    save for a latent capture (no weights, no VAE), a bridge checkpoint for the toy bridge model and
-    a loaded image for a blank one."""
+    save for a latent capture (no weights, no VAE), a bridge checkpoint for the toy bridge model (a
+    translation model: inpainting masks are dropped) and a loaded image for a blank one."""
     out = {}
     for nid, node in prompt.items():
         cls = node["class_type"]
@@ -51,6 +51,8 @@ def weight_free(prompt: dict, bridge_model: str) -> dict:
                         "inputs": {"samples": decoded["inputs"]["samples"], "label": nid}}
         else:
             out[nid] = json.loads(json.dumps(node))
+            if cls.startswith("FS_Bridge"):
+                out[nid]["inputs"].pop("mask", None)
         if cls == "EmptyLatentImage":
             out[nid]["inputs"].update(width=64, height=64)
         for key in ("steps",):
