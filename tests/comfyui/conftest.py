@@ -203,21 +203,33 @@ def validate(comfy):
     return run
 
 
-@pytest.fixture(scope="session")
-def run_prompt(comfy):
-    """Validates and executes an API-format prompt; returns CAPTURED (label -> tensor)."""
+def _execute(prompt: dict):
+    """Validates (raising with ComfyUI's node errors) and executes a prompt with a fresh cache;
+    returns the executor (success flag and status events)."""
     import execution
 
+    executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        raise AssertionError(f"prompt failed validation: {error} {node_errors}")
+    CAPTURED.clear()
+    asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+    return executor
+
+
+def _errors(executor) -> list:
+    return [data for event, data in executor.status_messages if event == "execution_error"]
+
+
+@pytest.fixture(scope="session")
+def run_prompt(comfy):
+    """Executes an API-format prompt that must succeed; returns CAPTURED (label -> tensor)."""
+
     def run(prompt: dict) -> dict:
-        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)  # fresh cache
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid:
-            raise AssertionError(f"prompt failed validation: {error} {node_errors}")
-        CAPTURED.clear()
-        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+        executor = _execute(prompt)
         if not executor.success:
-            errors = [data for event, data in executor.status_messages if event == "execution_error"]
+            errors = _errors(executor)
             raise RuntimeError(f"prompt failed: {errors[0]['exception_message'] if errors else executor.status_messages}")
         return dict(CAPTURED)
 
@@ -227,17 +239,11 @@ def run_prompt(comfy):
 @pytest.fixture(scope="session")
 def execution_error(comfy):
     """Executes a valid prompt that must fail at run time; returns the exception message."""
-    import execution
 
     def run(prompt: dict) -> str:
-        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        assert valid, (error, node_errors)
-        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
+        executor = _execute(prompt)
         assert not executor.success, "the prompt was expected to fail"
-        errors = [data for event, data in executor.status_messages if event == "execution_error"]
-        return errors[0]["exception_message"]
+        return _errors(executor)[0]["exception_message"]
 
     return run
 
@@ -245,15 +251,8 @@ def execution_error(comfy):
 @pytest.fixture(scope="session")
 def run_prompt_events(comfy):
     """Executes a valid prompt and returns ComfyUI's status events [(event, data), ...]."""
-    import execution
 
     def run(prompt: dict) -> list:
-        executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        assert valid, (error, node_errors)
-        CAPTURED.clear()
-        asyncio.run(executor.execute_async(prompt, prompt_id, {}, outputs))
-        return executor.status_messages
+        return _execute(prompt).status_messages
 
     return run
