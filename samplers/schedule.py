@@ -161,3 +161,11 @@ def flow_shift_sigmas(n: int, shift: float = 3.0, t_min: float = 0.0) -> torch.T
     t = torch.linspace(1.0, t_min, n + 1, dtype=torch.float64)
     sigmas = shift * t / (1 + (shift - 1) * t)
     return sigmas if t_min == 0.0 else torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def discrete_vp_sigmas(timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """The k-diffusion sigma table of a discrete DDPM with a 'scaled linear' beta schedule
+    (SD1.x / SDXL defaults), ascending: sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    return ((1 - abar) / abar).sqrt()

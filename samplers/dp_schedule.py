@@ -1,0 +1,130 @@
+"""ELBO-optimal step schedules by exact dynamic programming (Watson et al., arXiv 2106.03802).
+
+With the posterior ("small") variance every ELBO term of a jump t -> s is
+L(t, s) = 1/2 (SNR(s) - SNR(t)) m(t),  m(t) = E ||x0 - D(x_t, t)||^2,
+so one model evaluation per (data latent, candidate sigma) gives the whole cost matrix, and the
+least-cost path with exactly K edges is found in O(K G^2). shared/specs/dp_schedule.md.
+Node index 0 is the terminal sigma = 0; node j >= 1 is candidate grid[j - 1] (ascending).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import NoiseSchedule
+
+VARIANCES = ("small", "large")
+DECODERS = ("sigma", "mse")
+
+
+def snr(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """SNR = (alpha / s)^2 = 1 / lam^2 (float64; 0 at flow sigma = 1)."""
+    return torch.exp(-2.0 * schedule.log_lam(torch.as_tensor(sigmas, dtype=torch.float64)))
+
+
+def check_data_latents(latents: torch.Tensor, who: str = "Schedule optimizer") -> None:
+    if latents.ndim < 2 or latents.shape[0] == 0:
+        raise ValueError(f"{who}: needs a batch of data latents [N, ...], got shape {tuple(latents.shape)}.")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{who}: the data latents contain NaN or infinity.")
+    spread = latents.to(torch.float64).flatten(1).std(dim=1)
+    if (spread < 1e-6).any():
+        raise ValueError(f"{who}: {int((spread < 1e-6).sum())} of the latents are constant (e.g. EmptyLatentImage); "
+                         "feed VAE-encoded images of the kind you want to generate.")
+
+
+@torch.no_grad()
+def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule, seed: int = 0,
+              callback=None, **extra_args) -> torch.Tensor:
+    """Per-sample squared denoising error ||x0 - D(x_sigma, sigma)||^2, [N, G] float64: exactly one
+    model call per candidate for the whole batch, with the same noise at every candidate (common
+    random numbers). ``callback(j, G)`` after each candidate (progress / interruption)."""
+    check_data_latents(latents)
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    eps = eps.to(latents.device, latents.dtype)
+    tab = schedule.coefficients(grid)
+    ones = latents.new_ones(latents.shape[0])
+    errors = []
+    for j, (sigma, alpha, s) in enumerate(zip(tab.sigma.tolist(), tab.alpha.tolist(), tab.s.tolist())):
+        x = alpha * latents + s * eps
+        denoised = model(x, sigma * ones, **extra_args)
+        errors.append((latents.to(torch.float64) - denoised.to(torch.float64)).flatten(1).pow(2).sum(1))
+        if callback is not None:
+            callback(j, len(grid))
+    return torch.stack(errors, dim=1).cpu()
+
+
+def cost_matrix(grid: torch.Tensor, m: torch.Tensor, dim: int, schedule: NoiseSchedule, variance: str = "small",
+                decoder: str = "sigma") -> torch.Tensor:
+    """C[t, s] (nats per data point) of jumping from node t to node s < t; inf elsewhere."""
+    if variance not in VARIANCES or decoder not in DECODERS:
+        raise ValueError(f"variance must be one of {VARIANCES} and decoder one of {DECODERS}.")
+    g = grid.to(torch.float64)
+    if (g[1:] <= g[:-1]).any() or g[0] <= 0:
+        raise ValueError("the candidate grid must be strictly increasing and positive.")
+    snr_g = snr(g, schedule)
+    m = m.to(torch.float64)
+    n = len(g) + 1
+    cost = torch.full((n, n), math.inf, dtype=torch.float64)
+    t_idx, s_idx = torch.tril_indices(len(g), len(g), offset=-1)
+    snr_t, snr_s, m_t = snr_g[t_idx], snr_g[s_idx], m[t_idx]
+    if variance == "small":
+        cost[t_idx + 1, s_idx + 1] = 0.5 * (snr_s - snr_t) * m_t
+    else:  # sigma^2 = beta_{t,s} (DDPM 'large'), in VP units abar = SNR / (1 + SNR)
+        abar_t, abar_s = snr_t / (1 + snr_t), snr_s / (1 + snr_s)
+        beta = 1 - abar_t / abar_s
+        ratio = (1 - abar_s) / (1 - abar_t)  # beta_tilde / beta
+        cost[t_idx + 1, s_idx + 1] = abar_s * beta * m_t / (2 * (1 - abar_t) ** 2) + dim / 2 * (ratio - 1 - torch.log(ratio))
+    v = 1.0 / snr_g if decoder == "sigma" else (m / dim).clamp(min=1e-300)
+    cost[1:, 0] = dim / 2 * torch.log(2 * math.pi * v) + m / (2 * v)
+    return cost
+
+
+def dp_optimal_path(cost: torch.Tensor, steps: int, start: int) -> tuple[float, list[int]]:
+    """Least-cost path start -> ... -> 0 with exactly ``steps`` edges (each edge to a lower node)."""
+    if not 1 <= steps <= start:
+        raise ValueError(f"{steps} steps cannot be taken from candidate {start} (at most {start}).")
+    best = cost[:, 0].clone()  # one edge: straight to the terminal node
+    choices = []
+    for _ in range(steps - 1):
+        total = cost[:, 1:] + best[1:].unsqueeze(0)  # via node s >= 1
+        best, arg = total.min(dim=1)
+        choices.append(arg + 1)
+    path = [start]
+    for arg in reversed(choices):
+        path.append(int(arg[path[-1]]))
+    path.append(0)
+    return float(best[start]), path
+
+
+def path_cost(cost: torch.Tensor, path: list[int]) -> float:
+    return float(sum(cost[a, b] for a, b in zip(path[:-1], path[1:])))
+
+
+def nearest_path(grid: torch.Tensor, sigmas: torch.Tensor) -> list[int]:
+    """Node indices of the candidates nearest (in log sigma) to a schedule's sigmas (0 -> terminal)."""
+    out = []
+    for s in torch.as_tensor(sigmas, dtype=torch.float64).tolist():
+        out.append(0 if s == 0 else int(torch.argmin((grid.log() - math.log(s)).abs())) + 1)
+    return out
+
+
+def path_sigmas(grid: torch.Tensor, path: list[int]) -> torch.Tensor:
+    """SIGMAS for a node path (descending, ending in 0), float32 as ComfyUI's schedulers give."""
+    return torch.tensor([0.0 if j == 0 else float(grid[j - 1]) for j in path], dtype=torch.float32)
+
+
+def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
+                      variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
+                      errors: torch.Tensor | None = None, callback=None, **extra_args):
+    """(SIGMAS of the ELBO-optimal K-step schedule, per-sample errors [N, G]). Pass ``errors`` from an
+    earlier probe (a cache) to skip the model entirely."""
+    schedule = NoiseSchedule(parametrization)
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if errors is None:
+        errors = probe_mse(model, latents, grid, schedule, seed, callback, **extra_args)
+    cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
+    start = len(grid) if start_sigma is None else int(torch.argmin((grid - start_sigma).abs())) + 1
+    _, path = dp_optimal_path(cost, steps, start)
+    return path_sigmas(grid, path), errors
