@@ -36,7 +36,7 @@ def check_data_latents(latents: torch.Tensor, who: str = "Schedule optimizer") -
 
 @torch.no_grad()
 def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule, seed: int = 0,
-              callback=None, **extra_args) -> torch.Tensor:
+              callback=None, extra_args: dict | None = None) -> torch.Tensor:
     """Per-sample squared denoising error ||x0 - D(x_sigma, sigma)||^2, [N, G] float64: exactly one
     model call per candidate for the whole batch, with the same noise at every candidate (common
     random numbers). ``callback(j, G)`` after each candidate (progress / interruption)."""
@@ -48,7 +48,7 @@ def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseS
     errors = []
     for j, (sigma, alpha, s) in enumerate(zip(tab.sigma.tolist(), tab.alpha.tolist(), tab.s.tolist())):
         x = alpha * latents + s * eps
-        denoised = model(x, sigma * ones, **extra_args)
+        denoised = model(x, sigma * ones, **(extra_args or {}))
         errors.append((latents.to(torch.float64) - denoised.to(torch.float64)).flatten(1).pow(2).sum(1))
         if callback is not None:
             callback(j, len(grid))
@@ -117,13 +117,13 @@ def path_sigmas(grid: torch.Tensor, path: list[int]) -> torch.Tensor:
 
 def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
                       variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
-                      errors: torch.Tensor | None = None, callback=None, **extra_args):
+                      errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None):
     """(SIGMAS of the ELBO-optimal K-step schedule, per-sample errors [N, G]). Pass ``errors`` from an
     earlier probe (a cache) to skip the model entirely."""
     schedule = NoiseSchedule(parametrization)
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if errors is None:
-        errors = probe_mse(model, latents, grid, schedule, seed, callback, **extra_args)
+        errors = probe_mse(model, latents, grid, schedule, seed, callback, extra_args)
     cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
     start = len(grid) if start_sigma is None else int(torch.argmin((grid - start_sigma).abs())) + 1
     _, path = dp_optimal_path(cost, steps, start)

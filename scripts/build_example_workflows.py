@@ -97,6 +97,24 @@ def dbim_edges_to_handbag() -> dict:
     }
 
 
+def elbo_schedule() -> dict:
+    """ELBO Schedule Optimizer on a batch of your images (VAE-encoded), feeding SamplerCustom."""
+    g = _base()
+    g.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "my_images.png"}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
+            "model": ["1", 0], "latents": ["11", 0], "positive": ["3", 0], "steps": 10, "candidates": 250,
+            "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0}},
+        "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_elbo_schedule"))
+    return g
+
+
 def _bridge_loader(ckpt: str) -> dict:
     return {"class_type": "FS_BridgeModelLoader", "inputs": {
         "ckpt_name": ckpt, "preset": "auto", "dtype": "fp32", "save_safetensors": False, "custom_schedule": "vp",
@@ -155,6 +173,7 @@ EXAMPLES = {
     "fs_er_sde_sampler_custom": er_sde_sampler_custom,
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
     "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
+    "fs_elbo_schedule": elbo_schedule,
     "fs_dbim_edges_to_handbag": dbim_edges_to_handbag,
     "fs_dbim_encode_interpolate": dbim_encode_interpolate,
     "fs_dbim_inpaint_centre": dbim_inpaint_centre,

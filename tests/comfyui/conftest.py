@@ -139,7 +139,23 @@ def _test_nodes():
             CAPTURED[label] = sigmas.clone()
             return {"ui": {"captured": [label]}}
 
-    return {"FSTest_WeightFreeModel": WeightFreeModel, "FSTest_ZeroConditioning": ZeroConditioning,
+    class GaussianLatents:
+        """Clean 'VAE-space' latents whose model-space values are N(mu, s^2) (SD1 scale)."""
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"batch": ("INT", {"default": 16, "min": 1}), "mu": ("FLOAT", {"default": 0.5}),
+                                 "s": ("FLOAT", {"default": 0.1}), "seed": ("INT", {"default": 0})}}
+
+        RETURN_TYPES = ("LATENT",)
+        FUNCTION = "make"
+        CATEGORY = "testing"
+
+        def make(self, batch, mu, s, seed):
+            x = mu + s * torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+            return ({"samples": x / 0.18215},)
+
+    return {"FSTest_GaussianLatents": GaussianLatents, "FSTest_WeightFreeModel": WeightFreeModel, "FSTest_ZeroConditioning": ZeroConditioning,
             "FSTest_ExactGaussianModel": ExactGaussianModel, "FSTest_CaptureLatent": CaptureLatent,
             "FSTest_CaptureSigmas": CaptureSigmas}
 

@@ -1,0 +1,32 @@
+"""The ELBO Schedule Optimizer inside real ComfyUI, feeding SamplerCustom."""
+import pytest
+import torch
+from graphs import check_gaussian, sampler_custom_graph
+
+
+def _graph(steps=6, latents_node="FSTest_GaussianLatents", flow_shift=0.0):
+    g = sampler_custom_graph({"10": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}}, ["10", 0],
+                             flow_shift=flow_shift)
+    g["20"] = {"class_type": latents_node, "inputs": {"batch": 16, "mu": 0.5, "s": 0.1, "seed": 0}}
+    g["21"] = {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
+        "model": ["2", 0], "latents": ["20", 0], "positive": ["3", 0], "steps": steps, "candidates": 100,
+        "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0}}
+    g["6"]["inputs"]["sigmas"] = ["21", 0]
+    g["8"]["inputs"]["sigmas"] = ["21", 0]
+    return g
+
+
+@pytest.mark.parametrize("flow_shift", [0.0, 3.0])
+def test_optimizer_feeds_sampler_custom(run_prompt, comfy, flow_shift):
+    captured = run_prompt(_graph(flow_shift=flow_shift))
+    sigmas = captured["sigmas"]
+    assert len(sigmas) == 7 and sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
+    import comfy.model_sampling  # noqa: F401
+    check_gaussian(captured["out"], float(sigmas[-2]), flow=flow_shift > 0)
+
+
+def test_empty_latents_are_refused(execution_error):
+    g = _graph()
+    g["20"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}}
+    message = execution_error(g)
+    assert "ELBO Schedule Optimizer" in message and "constant" in message
