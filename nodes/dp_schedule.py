@@ -4,13 +4,35 @@ from __future__ import annotations
 import math
 
 from ..samplers.dp_schedule import (
-    DECODERS, VARIANCES, cost_matrix, dp_optimal_path, nearest_path, path_cost, path_sigmas, probe_mse,
+    DECODERS, VARIANCES, cache_key, cost_matrix, dp_optimal_path, load_probe, nearest_path, path_cost, path_sigmas,
+    probe_mse, save_probe,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
 from .comfy_io import CATEGORY, io
 from .ui import sigmas_ui
 
 COMPARE_WITH = ("karras", "normal", "simple")
+CACHE_VERSION = "1"
+
+
+def model_fingerprint(model) -> list:
+    """What makes two MODELs give different denoiser outputs: classes, the sigma table, samples of the
+    first and last weights, applied patches (LoRA...) and function wrappers."""
+    params = list(model.model.diffusion_model.parameters()) if hasattr(model.model, "diffusion_model") else []
+    probes = [p.detach().flatten()[:65536] for p in params[:2] + params[-2:]]
+    patches = sorted((k, len(v)) for k, v in getattr(model, "patches", {}).items())
+    wrapper = model.model_options.get("model_function_wrapper")
+    return [type(model.model).__name__, type(model.get_model_object("model_sampling")).__name__,
+            type(model.get_model_object("latent_format")).__name__, model.get_model_object("model_sampling").sigmas,
+            *probes, patches, getattr(wrapper, "__qualname__", None), getattr(wrapper, "__module__", None)]
+
+
+def cache_folder():
+    import folder_paths
+
+    from pathlib import Path
+
+    return Path(folder_paths.get_user_directory()) / "fs_dp_schedule_cache"
 
 
 def candidate_grid(model_sampling, candidates: int):
@@ -59,6 +81,10 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                 io.Float.Input("start_sigma", default=0.0, min=0.0, max=1000.0, step=0.01,
                                tooltip="First sigma of the schedule; 0 = the model's largest (full denoise). Set it "
                                        "lower for img2img-style partial schedules."),
+                io.Boolean.Input("use_cache", default=True,
+                                 tooltip="Keep the probe's measurements on disk (ComfyUI user folder, "
+                                         "fs_dp_schedule_cache): another step count, variance or decoder for the same "
+                                         "model, latents and conditioning then needs no model calls."),
             ],
             outputs=[io.Sigmas.Output(tooltip="Use like any scheduler's SIGMAS (SamplerCustom, SplitSigmas...)."),
                      io.String.Output(display_name="report", tooltip="Chosen sigmas, per-step cost and the same "
@@ -67,7 +93,8 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, steps, candidates, variance, decoder, seed, start_sigma) -> io.NodeOutput:
+    def execute(cls, model, latents, positive, steps, candidates, variance, decoder, seed, start_sigma,
+                use_cache=True) -> io.NodeOutput:
         import torch
 
         import comfy.model_management
@@ -94,15 +121,22 @@ class ELBOScheduleOptimizer(io.ComfyNode):
             result["errors"] = probe_mse(k_model, data.to(x.device, x.dtype), grid, schedule, seed, progress, extra)
             return x
 
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(positive, [])
-        guider.set_cfg(1.0)
-        try:
-            guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(probe),
-                          torch.tensor([float(grid[-1]), 0.0]), seed=seed, disable_pbar=True)
-        except ValueError as err:
-            raise ValueError(f"{who}: {err}") from None
-        errors = result["errors"]
+        conditioning = [c[0] for c in positive] + [v for c in positive for v in c[1].values()
+                                                   if isinstance(v, torch.Tensor)]
+        key = cache_key(*model_fingerprint(model), samples, *conditioning, grid, seed, CACHE_VERSION)
+        errors = load_probe(cache_folder(), key, grid) if use_cache else None
+        if errors is None:
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(positive, [])
+            guider.set_cfg(1.0)
+            try:
+                guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(probe),
+                              torch.tensor([float(grid[-1]), 0.0]), seed=seed, disable_pbar=True)
+            except ValueError as err:
+                raise ValueError(f"{who}: {err}") from None
+            errors = result["errors"]
+            if use_cache:
+                save_probe(cache_folder(), key, grid, errors, {"candidates": len(grid), "latents": len(errors), "seed": seed})
         dim = data[0].numel()
         cost = cost_matrix(grid, errors.mean(0), dim, schedule, variance, decoder)
         start = len(grid) if start_sigma <= 0 else int(torch.argmin((grid - start_sigma).abs())) + 1

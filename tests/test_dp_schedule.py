@@ -123,3 +123,19 @@ def test_refuses_data_that_is_not_data(toy, bad, match):
 def test_too_many_steps_for_the_grid():
     with pytest.raises(ValueError, match="cannot be taken"):
         dp_optimal_path(_random_cost(6, 0), 6, 5)
+
+
+def test_probe_cache_round_trip_and_misses(tmp_path, toy):
+    from comfyui_fast_samplers.samplers.dp_schedule import cache_key, load_probe, save_probe
+
+    model, data, grid, _ = toy
+    errors = probe_mse(model, data, grid, model.schedule, seed=0)
+    key = cache_key("model", data, grid, 0)
+    assert key != cache_key("model", data, grid, 1) and key == cache_key("model", data.clone(), grid, 0)
+    assert load_probe(tmp_path, key, grid) is None
+    save_probe(tmp_path, key, grid, errors, {"seed": 0})
+    assert torch.equal(load_probe(tmp_path, key, grid), errors)
+    assert load_probe(tmp_path, key, grid[1:]) is None  # another grid is a miss
+    (tmp_path / f"{key}.safetensors").write_bytes(b"damaged")
+    assert load_probe(tmp_path, key, grid) is None
+    assert not list(tmp_path.glob("*.tmp"))

@@ -21,6 +21,7 @@ if not COMFYUI_PATH:
     collect_ignore_glob = ["test_*.py"]
 
 CAPTURED: dict = {}
+MODEL_CALLS = {"exact": 0}  # evaluations of the exact-Gaussian test model
 
 
 def _test_nodes():
@@ -97,6 +98,7 @@ def _test_nodes():
             flow = flow_shift > 0
 
             def exact(apply_model, args):
+                MODEL_CALLS["exact"] += 1
                 x = args["input"]  # ComfyUI passes the k-diffusion sigma as "timestep" here
                 sig = args["timestep"].reshape(-1, *([1] * (x.ndim - 1))).to(torch.float64)
                 x64 = x.to(torch.float64)

@@ -10,7 +10,7 @@ def _graph(steps=6, latents_node="FSTest_GaussianLatents", flow_shift=0.0):
     g["20"] = {"class_type": latents_node, "inputs": {"batch": 16, "mu": 0.5, "s": 0.1, "seed": 0}}
     g["21"] = {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
         "model": ["2", 0], "latents": ["20", 0], "positive": ["3", 0], "steps": steps, "candidates": 100,
-        "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0}}
+        "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0, "use_cache": False}}
     g["6"]["inputs"]["sigmas"] = ["21", 0]
     g["8"]["inputs"]["sigmas"] = ["21", 0]
     return g
@@ -30,3 +30,24 @@ def test_empty_latents_are_refused(execution_error):
     g["20"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}}
     message = execution_error(g)
     assert "ELBO Schedule Optimizer" in message and "constant" in message
+
+
+def test_second_run_hits_the_cache(run_prompt, tmp_path, monkeypatch):
+    """Any step count after the first run costs no model evaluation; the cache write is atomic."""
+    import conftest
+
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    only_optimizer = {k: v for k, v in _graph(steps=6).items() if k in ("1", "2", "3", "20", "21")}
+    only_optimizer["21"]["inputs"]["use_cache"] = True
+    only_optimizer["30"] = {"class_type": "FSTest_CaptureSigmas", "inputs": {"sigmas": ["21", 0], "label": "sigmas"}}
+    before = conftest.MODEL_CALLS["exact"]
+    first = run_prompt(only_optimizer)["sigmas"]
+    assert conftest.MODEL_CALLS["exact"] - before == 100  # one batched call per candidate
+    assert len(list((tmp_path / "fs_dp_schedule_cache").glob("*.safetensors"))) == 1
+    assert not list((tmp_path / "fs_dp_schedule_cache").glob("*.tmp"))
+    only_optimizer["21"]["inputs"]["steps"] = 9
+    calls = conftest.MODEL_CALLS["exact"]
+    second = run_prompt(only_optimizer)["sigmas"]
+    assert conftest.MODEL_CALLS["exact"] == calls and len(second) == 10 and len(first) == 7
