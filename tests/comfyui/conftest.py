@@ -202,6 +202,8 @@ def comfy(tmp_path_factory):
     parent = tmp_path_factory.mktemp("custom_nodes")
     (parent / "comfyui-fast-samplers").symlink_to(REPO, target_is_directory=True)
     folder_paths.add_model_folder_path("custom_nodes", str(parent))
+    for name in ("user", "output", "temp"):  # nothing is written into the ComfyUI checkout
+        getattr(folder_paths, f"set_{name}_directory")(str(tmp_path_factory.mktemp(name)))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if "FS_ERSDESolver" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError("the pack did not load into ComfyUI (see 'IMPORT FAILED' in the log above)")
