@@ -27,6 +27,17 @@ def model_fingerprint(model) -> list:
             *probes, patches, getattr(wrapper, "__qualname__", None), getattr(wrapper, "__module__", None)]
 
 
+def show_text(text: str, node_id) -> None:
+    """Progress text on the node in the browser; nothing when ComfyUI runs without a server."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(text, node_id)
+
+
 def cache_folder():
     import folder_paths
 
@@ -86,6 +97,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                                          "fs_dp_schedule_cache): another step count, variance or decoder for the same "
                                          "model, latents and conditioning then needs no model calls."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[io.Sigmas.Output(tooltip="Use like any scheduler's SIGMAS (SamplerCustom, SplitSigmas...)."),
                      io.String.Output(display_name="report", tooltip="Chosen sigmas, per-step cost and the same "
                                                                      "totals for stock schedules.")],
@@ -112,8 +124,11 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         bar = comfy.utils.ProgressBar(len(grid))
         result = {}
 
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+
         def progress(j, total):
             bar.update_absolute(j + 1, total)
+            show_text(f"probing noise level {j + 1}/{total} (sigma {float(grid[j]):.4g})", node_id)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         def probe(k_model, x, sigmas, extra_args=None, callback=None, disable=None):

@@ -55,3 +55,23 @@ def test_interrupt_stops_sampling(run_prompt_events, hook, name):
     events = run_prompt_events(sampler_custom_graph({"10": SAMPLER_NODES[name]}, ["10", 0], steps=8))
     assert any(event == "execution_interrupted" for event, _ in events), [e for e, _ in events]
     assert max(u[0] for u in updates if u[1] == 8) == 3
+
+
+def test_interrupting_the_schedule_probe_writes_no_cache(run_prompt_events, hook, tmp_path, monkeypatch):
+    import folder_paths
+
+    updates, interrupt_at = hook
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    interrupt_at["step"] = 5
+    prompt = {
+        "1": {"class_type": "FSTest_WeightFreeModel", "inputs": {"prediction": "eps"}},
+        "3": {"class_type": "FSTest_ZeroConditioning", "inputs": {}},
+        "20": {"class_type": "FSTest_GaussianLatents", "inputs": {"batch": 4, "mu": 0.5, "s": 0.1, "seed": 0}},
+        "21": {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
+            "model": ["1", 0], "latents": ["20", 0], "positive": ["3", 0], "steps": 5, "candidates": 50,
+            "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0, "use_cache": True}},
+    }
+    events = run_prompt_events(prompt)
+    assert any(event == "execution_interrupted" for event, _ in events)
+    assert max(u[0] for u in updates if u[1] == 50) == 5
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp"))
