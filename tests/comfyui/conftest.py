@@ -276,3 +276,29 @@ def run_prompt_events(comfy):
         return _execute(prompt).status_messages
 
     return run
+
+
+@pytest.fixture
+def hook(comfy):
+    """The global progress hook main.py installs: records updates and honours interruption;
+    latent2rgb previews switched on."""
+    import comfy.cli_args
+    import comfy.model_management
+    import comfy.utils
+
+    updates = []
+    interrupt_at = {"step": None}
+
+    def progress(value, total, preview, node_id=None):
+        updates.append((value, total, preview))
+        if value == interrupt_at["step"]:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    old_method = comfy.cli_args.args.preview_method
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+    comfy.utils.set_progress_bar_global_hook(progress)
+    yield updates, interrupt_at
+    comfy.utils.set_progress_bar_global_hook(None)
+    comfy.cli_args.args.preview_method = old_method
+    comfy.model_management.interrupt_current_processing(False)

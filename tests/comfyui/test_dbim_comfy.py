@@ -103,3 +103,18 @@ def test_wrong_inputs_give_clear_errors(bridge_env, execution_error):
     prompt["3"] = _sampler(mask=["10", 0])
     prompt["10"] = {"class_type": "FS_BridgeCentreMask", "inputs": {"image": ["1", 0]}}
     assert "only for inpainting models" in execution_error(prompt)
+
+
+def test_bridge_sampler_progress_previews_and_interrupt(bridge_env, run_prompt, run_prompt_events, hook):
+    """The Bridge Sampler drives ComfyUI's progress bar each step and stops when interrupted."""
+    updates, interrupt_at = hook
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER, "3": _sampler(),
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    run_prompt(prompt)
+    steps = [u for u in updates if u[1] == updates[-1][1]]
+    assert [u[0] for u in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 5
+    updates.clear()
+    interrupt_at["step"] = 2
+    events = run_prompt_events({**prompt, "3": _sampler(seed=9)})
+    assert any(event == "execution_interrupted" for event, _ in events)
+    assert max(u[0] for u in updates) == 2
