@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 from ..samplers.er_sde import (
-    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options, sample_er_sde,
+    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, PRESETS, QUADRATURES, check_options,
+    sample_er_sde,
 )
 from .comfy_io import CATEGORY, io
 
-KSAMPLER_PRESETS = {
-    "fs_er_sde_3": (sample_er_sde, {"order": 3, "noise_fn": "sde_5"}),
-    "fs_er_sde_ode_3": (sample_er_sde, {"order": 3, "noise_fn": "ode"}),
-    "fs_er_sde_sde_3": (sample_er_sde, {"order": 3, "noise_fn": "reverse_sde"}),
-}
+KSAMPLER_PRESETS = {f"fs_{name}": (sample_er_sde, options) for name, options in PRESETS.items()}
 
 
 class ERSDESolverSampler(io.ComfyNode):

@@ -345,6 +345,14 @@ def brownian_noise_sampler(x: torch.Tensor, plan: ERSDEPlan, seed=None):
 
 # ---- the sampler ---------------------------------------------------------------------------------
 
+# Parameter-free settings shared by the KSampler dropdown and other samplers' finishers.
+PRESETS = {
+    "er_sde_3": {"order": 3, "noise_fn": "sde_5"},
+    "er_sde_ode_3": {"order": 3, "noise_fn": "ode"},
+    "er_sde_sde_3": {"order": 3, "noise_fn": "reverse_sde"},
+}
+
+
 @torch.no_grad()
 def sample_er_sde(
     model,

@@ -108,6 +108,21 @@ def parametrization_of_model_sampling(model_sampling) -> str:
     )
 
 
+def prediction_type(model_sampling) -> str:
+    """ComfyUI's prediction class of a model_sampling object, lower-case ('eps', 'v_prediction', 'const'...)."""
+    parametrization_of_model_sampling(model_sampling)  # raises on unsupported types
+    known = _FLOW_CLASSES | _VE_CLASSES
+    return next(cls.__name__.lower() for cls in type(model_sampling).__mro__ if cls.__name__ in known)
+
+
+def parametrization_of_prediction(prediction: str) -> str:
+    """'flow' for 'const', 've' for the other prediction types of ``prediction_type``."""
+    names = {name.lower() for name in _FLOW_CLASSES | _VE_CLASSES}
+    if prediction not in names:
+        raise ValueError(f"Unknown model type {prediction!r}; expected one of {sorted(names)}.")
+    return "flow" if prediction.upper() in _FLOW_CLASSES else "ve"
+
+
 def comfy_model_sampling(model):
     """The ComfyUI model_sampling object behind a sampler's ``model`` argument, or None."""
     try:

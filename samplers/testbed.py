@@ -221,3 +221,28 @@ def off_mode_rate(samples: torch.Tensor, mixture: GaussianMixture, radius: float
     z2 = ((x.unsqueeze(1) - mixture.means.unsqueeze(0)) / mixture.stds.unsqueeze(0)) ** 2
     rms = z2.mean(-1).sqrt().min(-1).values
     return float((rms > radius).to(torch.float64).mean())
+
+
+def separated_mixture(dim: int = 16, components: int = 8, seed: int = 0, spread: float = 3.0, std: float = 0.5):
+    """DPM-OT spec E3: well separated isotropic modes (means spread * N(0, I), weights 0.3 ... 0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(components, dim, dtype=torch.float64, generator=g)
+    weights = torch.linspace(0.3, 0.05, components, dtype=torch.float64)
+    return GaussianMixture(weights, means, torch.full((components, dim), std, dtype=torch.float64))
+
+
+def chi2_rms_radius(dim: int, z: float = 3.0902) -> float:
+    """RMS-per-dimension radius of the chi-square ball holding ~99.9% (z = 3.09) of a mode
+    (Wilson-Hilferty), for ``off_mode_rate(..., radius=...)``."""
+    k = float(dim)
+    quantile = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+    return math.sqrt(quantile / k)
+
+
+def pool_distance_ratio(samples: torch.Tensor, pool: torch.Tensor, fresh: torch.Tensor) -> float:
+    """Memorisation metric: median distance of the samples to their nearest pool point over the same for
+    fresh true samples. < 1 means the outputs hug the pool (near copies)."""
+    def median_nn(x):
+        return torch.cdist(x.reshape(len(x), -1).double(), pool.reshape(len(pool), -1).double()).min(1).values.median()
+
+    return float(median_nn(samples) / median_nn(fresh))

@@ -8,12 +8,11 @@ def generator():
 
 
 class _Patcher:
-    def __init__(self, model_sampling):
-        self.model_sampling = model_sampling
+    def __init__(self, model_sampling, latent_format=None):
+        self.objects = {"model_sampling": model_sampling, "latent_format": latent_format}
 
     def get_model_object(self, name):
-        assert name == "model_sampling"
-        return self.model_sampling
+        return self.objects[name]
 
 
 class ComfyLikeModel:
@@ -21,11 +20,11 @@ class ComfyLikeModel:
     ``inner_model.model_patcher.get_model_object("model_sampling")`` is the model's sampling
     object, here an instance of a class named like ComfyUI's prediction types (EPS, CONST...)."""
 
-    def __init__(self, denoiser, prediction_class: str):
+    def __init__(self, denoiser, prediction_class: str, latent_format: str = "SD15"):
         prediction = type(prediction_class, (), {})
         self.model_sampling = type("ModelSamplingFake", (prediction,), {})()
         self.inner_model = type("Guider", (), {})()
-        self.inner_model.model_patcher = _Patcher(self.model_sampling)
+        self.inner_model.model_patcher = _Patcher(self.model_sampling, type(latent_format, (), {})())
         self.denoiser = denoiser
 
     def __call__(self, x, sigma, **extra_args):

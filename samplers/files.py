@@ -1,0 +1,46 @@
+"""Every file the pack writes goes through here: safetensors, atomic, never over a user's file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None,
+                            overwrite: bool = False) -> Path:
+    """Write to a temp file in the target folder, then rename. An existing file is kept (FileExistsError)
+    unless ``overwrite`` (only for the pack's own cache / checkpoint files)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; it was left untouched (choose another name).")
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # link + unlink: fails instead of replacing a file that appeared meanwhile
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while writing; it was left untouched.") from None
+            except OSError:  # a file system without hard links
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def unused_path(folder, prefix: str, suffix: str = ".safetensors") -> Path:
+    """``folder/prefix_00001.safetensors``, the first number not yet taken."""
+    folder = Path(folder)
+    n = 1
+    while (folder / f"{prefix}_{n:05d}{suffix}").exists():
+        n += 1
+    return folder / f"{prefix}_{n:05d}{suffix}"
