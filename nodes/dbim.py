@@ -15,6 +15,7 @@ from ..samplers.dbim import (
     load_bridge_checkpoint, row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors,
 )
 from .comfy_io import CATEGORY, PREFIX, io
+from .registry import register_model_folder as register_folder
 
 FOLDER = "fs_bridge_models"  # folder_paths key; on disk: models/bridge_models
 EXTENSIONS = {".pt", ".pth", ".safetensors", ".sft"}
@@ -36,15 +37,8 @@ class BridgeModel:
 
 
 def register_model_folder() -> None:
-    """models/bridge_models under the key fs_bridge_models (idempotent; keeps user-mapped paths)."""
-    import folder_paths
-
-    path = os.path.join(folder_paths.models_dir, "bridge_models")
-    if FOLDER in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(FOLDER, path)
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([path], set(EXTENSIONS))
-    os.makedirs(path, exist_ok=True)
+    """models/bridge_models under the key fs_bridge_models."""
+    register_folder(FOLDER, "bridge_models", EXTENSIONS)
 
 
 # ---- image plumbing ----------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from .registry import register_ksampler_presets
 
 
 def _method_modules():
-    from . import dbim, ddim_gmm, dp_schedule, er_sde, ui
+    from . import dbim, ddim_gmm, dp_schedule, dpm_ot, er_sde, ui
 
-    return [er_sde, ddim_gmm, dp_schedule, dbim, ui]
+    return [er_sde, ddim_gmm, dp_schedule, dpm_ot, dbim, ui]
 
 
 def all_nodes() -> list:

@@ -31,3 +31,18 @@ def register_ksampler_presets(presets: dict) -> list[str]:
             if name not in names:
                 names.append(name)
     return list(presets)
+
+
+def register_model_folder(key: str, subfolder: str, extensions: set) -> str:
+    """models/<subfolder> under the folder_paths key ``key`` (idempotent; keeps user-mapped paths)."""
+    import os
+
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, subfolder)
+    if key in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(key, path)
+    else:
+        folder_paths.folder_names_and_paths[key] = ([path], set(extensions))
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -631,14 +631,14 @@ def junction_schedule(schedule_of_length, steps: int, sigma_junction: float, max
         return float(schedule_of_length(total)[total - steps])
 
     if steps < 1:
-        raise ValueError("DPM-OT Sigmas: steps must be >= 1.")
+        raise ValueError("steps must be >= 1.")
     if entry(steps) < sigma_junction * (1 - SIGMA_TOLERANCE):
-        raise ValueError(f"DPM-OT Sigmas: the junction sigma {sigma_junction:.4g} is above the model's largest "
+        raise ValueError(f"the junction sigma {sigma_junction:.4g} is above the model's largest "
                          f"sigma {entry(steps):.4g}.")
     low, high = steps, steps
     while entry(high) > sigma_junction:  # entry(total) falls as total grows
         if high >= max_total:
-            raise ValueError(f"DPM-OT Sigmas: the junction sigma {sigma_junction:.4g} is below what this scheduler "
+            raise ValueError(f"the junction sigma {sigma_junction:.4g} is below what this scheduler "
                              f"reaches in {max_total} steps; use a larger junction or another scheduler.")
         low, high = high, min(2 * high, max_total)
     while high - low > 1:
