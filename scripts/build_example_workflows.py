@@ -115,6 +115,31 @@ def elbo_schedule() -> dict:
     return g
 
 
+def dpm_ot_pool_fit_sample() -> dict:
+    """DPM-OT: a pool from your images (VAE-encoded), the OT fit, a saved map, and sampling through the map
+    plus 5 finishing steps from the junction sigma (variations of pool members, not new compositions)."""
+    g = _base(batch=4)
+    g.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "my_images.png"}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "FS_DPMOTTargetsFromLatents", "inputs": {
+            "model": ["1", 0], "latents": ["11", 0], "sigma_junction": 1.0, "seed": 0, "keep_clean": True}},
+        "13": {"class_type": "FS_DPMOTFitMap", "inputs": {
+            "targets": ["12", 0], "iterations": 1500, "seed": 0, "device": "auto", "resume": True}},
+        "14": {"class_type": "FS_DPMOTSaveMap", "inputs": {"ot_map": ["13", 0], "filename_prefix": "my_pool"}},
+        "5": {"class_type": "FS_DPMOTSampler", "inputs": {
+            "ot_map": ["13", 0], "finisher": "er_sde_3", "placement": "target", "angle_threshold": 0.7,
+            "pair_weight": 0.75}},
+        "6": {"class_type": "FS_DPMOTSigmas", "inputs": {
+            "model": ["1", 0], "ot_map": ["13", 0], "scheduler": "karras", "steps": 5}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_dpm_ot"))
+    return g
+
+
 def _bridge_loader(ckpt: str) -> dict:
     return {"class_type": "FS_BridgeModelLoader", "inputs": {
         "ckpt_name": ckpt, "preset": "auto", "dtype": "fp32", "save_safetensors": False, "custom_schedule": "vp",
@@ -174,6 +199,7 @@ EXAMPLES = {
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
     "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
     "fs_elbo_schedule": elbo_schedule,
+    "fs_dpm_ot_pool_fit_sample": dpm_ot_pool_fit_sample,
     "fs_dbim_edges_to_handbag": dbim_edges_to_handbag,
     "fs_dbim_encode_interpolate": dbim_encode_interpolate,
     "fs_dbim_inpaint_centre": dbim_inpaint_centre,

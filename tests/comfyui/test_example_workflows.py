@@ -25,6 +25,19 @@ def toy_bridge_model(comfy, tmp_path_factory):
     return "toy.safetensors"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ot_map_folder(comfy, tmp_path_factory):
+    """Maps saved by the DPM-OT example land in a temp folder, not in the ComfyUI checkout."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("fs_ot_maps")
+    previous = folder_paths.folder_names_and_paths.get("fs_ot_maps")
+    folder_paths.folder_names_and_paths["fs_ot_maps"] = ([str(folder)], {".safetensors"})
+    yield folder
+    if previous is not None:
+        folder_paths.folder_names_and_paths["fs_ot_maps"] = previous
+
+
 def weight_free(prompt: dict, bridge_model: str) -> dict:
     """Swap the checkpoint for the weight-free model, text encoders for zero conditioning, decode +
     save for a latent capture (no weights, no VAE), a bridge checkpoint for the toy bridge model (a
