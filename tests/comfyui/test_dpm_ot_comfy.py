@@ -125,3 +125,24 @@ def test_mismatched_map_is_refused(run_prompt, execution_error, map_folder):
     name = sorted(p.relative_to(map_folder).as_posix() for p in map_folder.rglob("*.safetensors"))[-1]
     message = execution_error(_sample_graph(name, flow_shift=3.0))
     assert "DPM-OT" in message and "'const'" in message and "'eps'" in message
+
+
+def test_interrupted_fit_leaves_a_checkpoint_and_resumes(run_prompt_events, run_prompt, hook, tmp_path, monkeypatch):
+    import folder_paths
+
+    updates, interrupt_at = hook
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    prompt = {k: v for k, v in _fit_graph(1.0).items() if k != "23"}
+    prompt["22"]["inputs"].update(iterations=400)
+    prompt["24"] = {"class_type": "PreviewAny", "inputs": {"source": ["22", 1]}}
+    interrupt_at["step"] = 10
+    events = run_prompt_events(prompt)
+    assert any(event == "execution_interrupted" for event, _ in events)
+    assert max(u[0] for u in updates if u[1] == 400) == 10
+    checkpoints = list((tmp_path / "fs_ot_fit_checkpoints").glob("*.safetensors"))
+    assert len(checkpoints) == 1 and not list(tmp_path.rglob("*.tmp"))
+    interrupt_at["step"] = None
+    updates.clear()
+    run_prompt(prompt)
+    assert min(u[0] for u in updates if u[1] == 400) == 11  # continued after the checkpoint
+    assert not list((tmp_path / "fs_ot_fit_checkpoints").glob("*.safetensors"))  # removed when done
