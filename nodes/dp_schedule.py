@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 from ..samplers.dp_schedule import (
-    DECODERS, VARIANCES, cache_key, cost_matrix, dp_optimal_path, load_probe, nearest_path, path_cost, path_sigmas,
-    probe_mse, save_probe,
+    DECODERS, OBJECTIVES, VARIANCES, cache_key, cost_matrix, dp_optimal_path, load_probe, nearest_path, path_cost,
+    path_sigmas, probe_local_error, probe_mse, save_probe,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
 from .comfy_io import CATEGORY, io
@@ -13,6 +13,7 @@ from .ui import sigmas_ui
 
 COMPARE_WITH = ("karras", "normal", "simple")
 CACHE_VERSION = "1"
+LOCAL_ERROR_SUBSTEPS = 4  # reference sub-steps between neighbouring candidates
 
 
 def model_fingerprint(model) -> list:
@@ -92,6 +93,11 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                 io.Float.Input("start_sigma", default=0.0, min=0.0, max=1000.0, step=0.01,
                                tooltip="First sigma of the schedule; 0 = the model's largest (full denoise). Set it "
                                        "lower for img2img-style partial schedules."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="elbo", optional=True,
+                               tooltip="elbo: the paper's ELBO (one model call per candidate). local_error "
+                                       "(experimental): the squared error of one Euler/DDIM jump against a fine "
+                                       "solve, about 2 x candidates^2 model calls, so use 30-60 candidates; "
+                                       "see the docs for which one gives better images."),
                 io.Boolean.Input("use_cache", default=True,
                                  tooltip="Keep the probe's measurements on disk (ComfyUI user folder, "
                                          "fs_dp_schedule_cache): another step count, variance or decoder for the same "
@@ -106,7 +112,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, steps, candidates, variance, decoder, seed, start_sigma,
-                use_cache=True) -> io.NodeOutput:
+                use_cache=True, objective="elbo") -> io.NodeOutput:
         import torch
 
         import comfy.model_management
@@ -114,6 +120,9 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         import comfy.utils
 
         who = "ELBO Schedule Optimizer"
+        if objective not in OBJECTIVES or variance not in VARIANCES or decoder not in DECODERS:
+            raise ValueError(f"{who} node: objective must be one of {OBJECTIVES}, variance one of {VARIANCES}, "
+                             f"decoder one of {DECODERS}; got {objective!r}, {variance!r}, {decoder!r}.")
         ms = model.get_model_object("model_sampling")
         schedule = NoiseSchedule(parametrization_of_model_sampling(ms))
         grid = candidate_grid(ms, candidates)
@@ -133,12 +142,17 @@ class ELBOScheduleOptimizer(io.ComfyNode):
 
         def probe(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
             extra = dict(extra_args or {}, denoise_mask=None)  # the probe noises the data itself
-            result["errors"] = probe_mse(k_model, data.to(x.device, x.dtype), grid, schedule, seed, progress, extra)
+            if objective == "elbo":
+                result["errors"] = probe_mse(k_model, data.to(x.device, x.dtype), grid, schedule, seed, progress, extra)
+            else:
+                result["errors"] = probe_local_error(k_model, data.to(x.device, x.dtype), grid, schedule, seed,
+                                                     LOCAL_ERROR_SUBSTEPS, progress, extra)
             return x
 
         conditioning = [c[0] for c in positive] + [v for c in positive for v in c[1].values()
                                                    if isinstance(v, torch.Tensor)]
-        key = cache_key(*model_fingerprint(model), samples, *conditioning, grid, seed, CACHE_VERSION)
+        variant = [] if objective == "elbo" else [objective, LOCAL_ERROR_SUBSTEPS]
+        key = cache_key(*model_fingerprint(model), samples, *conditioning, grid, seed, CACHE_VERSION, *variant)
         errors = load_probe(cache_folder(), key, grid) if use_cache else None
         if errors is None:
             guider = comfy.samplers.CFGGuider(model)
@@ -151,29 +165,33 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                 raise ValueError(f"{who}: {err}") from None
             errors = result["errors"]
             if use_cache:
-                save_probe(cache_folder(), key, grid, errors, {"candidates": len(grid), "latents": len(errors), "seed": seed})
+                save_probe(cache_folder(), key, grid, errors, {"candidates": len(grid), "latents": len(samples),
+                                                               "seed": seed, "objective": objective})
         dim = data[0].numel()
-        cost = cost_matrix(grid, errors.mean(0), dim, schedule, variance, decoder)
+        cost = cost_matrix(grid, errors.mean(0), dim, schedule, variance, decoder) if objective == "elbo" else errors
         start = len(grid) if start_sigma <= 0 else int(torch.argmin((grid - start_sigma).abs())) + 1
         total, path = dp_optimal_path(cost, steps, start)
         sigmas = path_sigmas(grid, path)
-        return io.NodeOutput(sigmas, cls.report(ms, grid, cost, path, total, steps, dim, len(errors)), ui=sigmas_ui(sigmas))
+        report = cls.report(ms, grid, cost, path, total, steps, dim, len(samples), objective)
+        return io.NodeOutput(sigmas, report, ui=sigmas_ui(sigmas))
 
     @staticmethod
-    def report(ms, grid, cost, path, total, steps, dim, n) -> str:
+    def report(ms, grid, cost, path, total, steps, dim, n, objective="elbo") -> str:
         import comfy.samplers
 
-        per_bit = dim * math.log(2)
-        lines = [f"ELBO-optimal schedule, {steps} steps, {len(grid)} candidates, {n} data latents"
+        scale, unit = (dim * math.log(2), "bits/dim") if objective == "elbo" else (1.0, "local error per element")
+        title = "ELBO-optimal" if objective == "elbo" else "Local-error-optimal (experimental)"
+        lines = [f"{title} schedule, {steps} steps, {len(grid)} candidates, {n} data latents"
                  + (" (fewer than 16: noisy estimate)" if n < 16 else ""),
                  "sigmas: " + ", ".join(f"{float(grid[j - 1]) if j else 0.0:.4g}" for j in path),
-                 "cost per step (bits/dim): " + ", ".join(f"{float(cost[a, b]) / per_bit:.4f}"
-                                                          for a, b in zip(path[:-1], path[1:])),
-                 f"total: {total / per_bit:.4f} bits/dim (relative: latents are continuous)"]
+                 f"cost per step ({unit}): " + ", ".join(f"{float(cost[a, b]) / scale:.4g}"
+                                                         for a, b in zip(path[:-1], path[1:])),
+                 f"total: {total / scale:.4g} {unit}" + (" (relative: latents are continuous)"
+                                                          if objective == "elbo" else "")]
         for name in COMPARE_WITH:
             stock = nearest_path(grid, comfy.samplers.calculate_sigmas(ms, name, steps))
-            value = path_cost(cost, stock) / per_bit if len(set(stock)) == len(stock) else float("nan")
-            lines.append(f"{name}: {value:.4f} bits/dim")
+            value = path_cost(cost, stock) / scale if len(set(stock)) == len(stock) else float("nan")
+            lines.append(f"{name}: {value:.4g} {unit}")
         return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from .schedule import NoiseSchedule
 
 VARIANCES = ("small", "large")
 DECODERS = ("sigma", "mse")
+OBJECTIVES = ("elbo", "local_error")  # local_error: experimental, beyond the paper (spec section 8)
 
 
 def snr(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
@@ -53,6 +54,59 @@ def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseS
         if callback is not None:
             callback(j, len(grid))
     return torch.stack(errors, dim=1).cpu()
+
+
+@torch.no_grad()
+def probe_local_error(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule, seed: int = 0,
+                      substeps: int = 4, callback=None, extra_args: dict | None = None) -> torch.Tensor:
+    """Solver-aware edge costs (experimental; spec section 8): C[t, s] = mean over latents of
+    ||DDIM(x_t; t -> s) - ref(x_t; t -> s)||^2 / d (model-space units per element), where x_t is the
+    data noised with common noise, DDIM is one deterministic DDIM (= Euler) jump and ref is a DDIM solve
+    with ``substeps`` log-lambda-uniform steps between neighbouring candidates. One reference walk from each
+    candidate records every lower candidate: about G^2 / 2 * substeps model calls (batched over latents).
+    Errors of earlier steps do not propagate in this cost. [G + 1, G + 1] float64, node order as cost_matrix."""
+    check_data_latents(latents)
+    if substeps < 1:
+        raise ValueError("local_error: substeps must be >= 1.")
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    eps = eps.to(latents.device, latents.dtype)
+    g = torch.as_tensor(grid, dtype=torch.float64)
+    nodes = len(g) + 1
+    # the reference grid: node j (grid[j-1]) sits at fine index (j - 1) * substeps
+    fine_log_lam = torch.cat([torch.linspace(float(a), float(b), substeps + 1, dtype=torch.float64)[:-1]
+                              for a, b in zip(schedule.log_lam(g[:-1]), schedule.log_lam(g[1:]))]
+                             + [schedule.log_lam(g[-1:])])
+    fine = schedule.coefficients(schedule.sigma_from_lam(torch.exp(fine_log_lam)))
+    fine.sigma[::substeps] = g  # exact candidates (no round trip through lambda)
+    sigma, alpha, s_, lam = fine.sigma.tolist(), fine.alpha.tolist(), fine.s.tolist(), fine.lam.tolist()
+    ones = latents.new_ones(latents.shape[0])
+    dim = latents[0].numel()
+    cost = torch.full((nodes, nodes), math.inf, dtype=torch.float64)
+
+    def denoise(y, k):
+        return model(alpha[k] * y, sigma[k] * ones, **(extra_args or {})).to(torch.float64)
+
+    def mean_sq(a, b, k):
+        return float(((a - b) * alpha[k]).flatten(1).pow(2).sum(1).mean()) / dim
+
+    for t in range(1, nodes):
+        k_t = (t - 1) * substeps
+        y_t = (alpha[k_t] * latents + s_[k_t] * eps).to(torch.float64) / alpha[k_t]
+        d_t = denoise(y_t, k_t)
+        y, d = y_t, d_t
+        for k in range(k_t, 0, -1):  # reference walk down the fine grid
+            if k != k_t:
+                d = denoise(y, k)
+            y = d + (lam[k - 1] / lam[k]) * (y - d)
+            if (k - 1) % substeps == 0:
+                j = (k - 1) // substeps  # node j + 1
+                jump = d_t + (lam[k - 1] / lam[k_t]) * (y_t - d_t)
+                cost[t, j + 1] = mean_sq(jump, y, k - 1)
+        d_final = d_t if t == 1 else denoise(y, 0)
+        cost[t, 0] = float((d_t - d_final).flatten(1).pow(2).sum(1).mean()) / dim
+        if callback is not None:
+            callback(t - 1, len(g))
+    return cost
 
 
 def cost_matrix(grid: torch.Tensor, m: torch.Tensor, dim: int, schedule: NoiseSchedule, variance: str = "small",
@@ -117,14 +171,23 @@ def path_sigmas(grid: torch.Tensor, path: list[int]) -> torch.Tensor:
 
 def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
                       variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
-                      errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None):
-    """(SIGMAS of the ELBO-optimal K-step schedule, per-sample errors [N, G]). Pass ``errors`` from an
-    earlier probe (a cache) to skip the model entirely."""
+                      errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None,
+                      objective: str = "elbo", substeps: int = 4):
+    """(SIGMAS of the optimal K-step schedule, probe result). objective 'elbo': the probe result is the
+    per-sample errors [N, G]; 'local_error' (experimental): the edge-cost matrix [G + 1, G + 1]. Pass
+    ``errors`` from an earlier probe (a cache) to skip the model entirely."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}.")
     schedule = NoiseSchedule(parametrization)
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if errors is None:
-        errors = probe_mse(model, latents, grid, schedule, seed, callback, extra_args)
-    cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
+        probe = probe_mse if objective == "elbo" else probe_local_error
+        options = {} if objective == "elbo" else {"substeps": substeps}
+        errors = probe(model, latents, grid, schedule, seed, callback=callback, extra_args=extra_args, **options)
+    if objective == "elbo":
+        cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
+    else:
+        cost = errors
     start = len(grid) if start_sigma is None else int(torch.argmin((grid - start_sigma).abs())) + 1
     _, path = dp_optimal_path(cost, steps, start)
     return path_sigmas(grid, path), errors
@@ -169,23 +232,13 @@ def load_probe(folder, key: str, grid: torch.Tensor):
 def save_probe(folder, key: str, grid: torch.Tensor, errors: torch.Tensor, metadata: dict) -> None:
     """Atomic write (temp file + rename in the same folder); an existing entry is left as it is."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from .files import atomic_save_safetensors
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}.safetensors"
-    if path.exists():
-        return
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        save_file({"grid": grid.to(torch.float64).contiguous(), "errors": errors.to(torch.float64).contiguous()}, tmp,
-                  metadata={"format": "fs_dp_probe/1", "info": json.dumps(metadata)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_save_safetensors({"grid": grid.to(torch.float64), "errors": errors.to(torch.float64)},
+                                Path(folder) / f"{key}.safetensors",
+                                metadata={"format": "fs_dp_probe/1", "info": json.dumps(metadata)})
+    except FileExistsError:
+        pass

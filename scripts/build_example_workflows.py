@@ -105,7 +105,8 @@ def elbo_schedule() -> dict:
         "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
             "model": ["1", 0], "latents": ["11", 0], "positive": ["3", 0], "steps": 10, "candidates": 250,
-            "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0, "use_cache": True}},
+            "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0, "use_cache": True,
+            "objective": "elbo"}},
         "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "8": {"class_type": "SamplerCustom", "inputs": {
             "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],

@@ -139,3 +139,41 @@ def test_probe_cache_round_trip_and_misses(tmp_path, toy):
     (tmp_path / f"{key}.safetensors").write_bytes(b"damaged")
     assert load_probe(tmp_path, key, grid) is None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("parametrization", ["ve", "flow"])
+def test_local_error_cost_is_the_one_step_error_against_the_exact_ode(parametrization):
+    from comfyui_fast_samplers.samplers.dp_schedule import probe_local_error
+    from comfyui_fast_samplers.samplers.testbed import default_mixture, solve_pf_ode
+
+    mix = default_mixture()
+    model = ExactModel(mix, parametrization)
+    schedule = model.schedule
+    x0, _ = mix.sample(32, torch.Generator().manual_seed(1))
+    top = 5.0 if parametrization == "ve" else 0.9
+    grid = torch.exp(torch.linspace(math.log(0.05), math.log(top), 8, dtype=torch.float64))
+    cost = probe_local_error(model, x0, grid, schedule, seed=0, substeps=64)
+    assert model.calls == 8 + 64 * 8 * 7 // 2  # one reference walk per candidate
+    assert cost[1, 0] == 0 and torch.isinf(cost[2, 3]) and bool((cost[2:, 1:-1][torch.tril(
+        torch.ones(7, 7, dtype=torch.bool))] > 0).all())
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t, s in ((8, 3), (5, 1)):
+        sig_t, sig_s = torch.tensor(float(grid[t - 1]), dtype=torch.float64), torch.tensor(float(grid[s - 1]), dtype=torch.float64)
+        xt = schedule.add_noise(x0, eps, sig_t)
+        reference = solve_pf_ode(model, xt, float(sig_t), float(sig_s))
+        d = model(xt, torch.full((32,), float(sig_t), dtype=torch.float64))
+        ddim = schedule.alpha(sig_s) * (d + schedule.lam(sig_s) / schedule.lam(sig_t) * (xt / schedule.alpha(sig_t) - d))
+        direct = float((ddim - reference).pow(2).sum(1).mean()) / 2
+        assert float(cost[t, s]) == pytest.approx(direct, rel=0.02)
+
+
+def test_local_error_objective_through_optimize_schedule(toy):
+    model, data, grid, _ = toy
+    small = grid[::10]  # 25 candidates
+    sigmas, cost = optimize_schedule(model, data[:16], 5, small, objective="local_error", substeps=2)
+    assert cost.shape == (26, 26) and len(sigmas) == 6 and float(sigmas[-1]) == 0
+    assert bool((sigmas[1:] < sigmas[:-1]).all()) and set(sigmas[:-1].tolist()) <= set(small.float().tolist())
+    again, _ = optimize_schedule(None, data[:16], 5, small, objective="local_error", errors=cost)
+    assert torch.equal(again, sigmas)
+    with pytest.raises(ValueError, match="unknown objective"):
+        optimize_schedule(model, data, 5, small, objective="fid")

@@ -51,3 +51,23 @@ def test_second_run_hits_the_cache(run_prompt, tmp_path, monkeypatch):
     calls = conftest.MODEL_CALLS["exact"]
     second = run_prompt(only_optimizer)["sigmas"]
     assert conftest.MODEL_CALLS["exact"] == calls and len(second) == 10 and len(first) == 7
+
+
+def test_local_error_objective_runs_through_the_node(run_prompt, tmp_path, monkeypatch):
+    import conftest
+
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    g = {k: v for k, v in _graph(steps=4).items() if k in ("1", "2", "3", "20", "21")}
+    g["21"]["inputs"].update(candidates=12, objective="local_error", use_cache=True)
+    g["30"] = {"class_type": "FSTest_CaptureSigmas", "inputs": {"sigmas": ["21", 0], "label": "sigmas"}}
+    before = conftest.MODEL_CALLS["exact"]
+    sigmas = run_prompt(g)["sigmas"]
+    assert conftest.MODEL_CALLS["exact"] - before == 12 + 4 * 12 * 11 // 2  # G + substeps * G (G - 1) / 2
+    assert len(sigmas) == 5 and sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
+    calls = conftest.MODEL_CALLS["exact"]
+    assert torch.equal(run_prompt(g)["sigmas"], sigmas) and conftest.MODEL_CALLS["exact"] == calls  # cached
+    g["21"]["inputs"]["objective"] = "elbo"  # another objective is another cache entry
+    run_prompt(g)
+    assert conftest.MODEL_CALLS["exact"] - calls == 12
