@@ -334,7 +334,7 @@ def test_removes_mode_mixture_on_the_exact_model_and_reports_memorisation():
     assert abs(ours_rate - random_rate) < 0.01
     assert 0.6 < pool_distance_ratio(ours, pool_clean, fresh) < 1.0
     replay_map, _ = fit_ot_map(pool_from_clean(pool_clean, 0.17, "eps"), iterations=300, seed=0)
-    replay = sample_dpm_ot(model, noise, karras_sigmas(5, 0.002, 0.17), ot_map=replay_map, disable=True)
+    replay = sample_dpm_ot(model, 0.17 * noise, karras_sigmas(5, 0.002, 0.17), ot_map=replay_map, disable=True)
     assert pool_distance_ratio(replay, pool_clean, fresh) < 0.5  # near copies of the pool
 
 
