@@ -547,9 +547,12 @@ def unit_noise(model, x: torch.Tensor, sigma0: float, schedule: NoiseSchedule) -
     latent = getattr(model, "latent_image", None)
     if isinstance(latent, torch.Tensor) and bool(latent.any()):
         warnings.warn("DPM-OT sampler: the latent image is not empty; DPM-OT ignores it and starts from the map.")
-    if isinstance(noise, torch.Tensor) and noise.shape == x.shape:
-        return noise
-    return x / float(schedule.s(torch.tensor(sigma0, dtype=torch.float64)))
+    if not (isinstance(noise, torch.Tensor) and noise.shape == x.shape):
+        noise = x / float(schedule.s(torch.tensor(sigma0, dtype=torch.float64)))
+    if not bool(noise.any()):
+        warnings.warn("DPM-OT sampler: the noise is zero (add_noise off?), so every image gets the same target; "
+                      "turn add_noise on.")
+    return noise
 
 
 def assign_targets(ot_map: OTMap, noise: torch.Tensor, tile_elements: int = TILE_ELEMENTS) -> torch.Tensor:
