@@ -138,10 +138,11 @@ class TargetsSelfGenerate(io.ComfyNode):
                         "count x (steps above the junction) model calls; pays off only if you draw many more than "
                         "count images.",
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1),
+                io.Model.Input("model", tooltip="The model the pool is made with and for."),
+                io.Conditioning.Input("positive", tooltip="Prompt of the images the pool should hold."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg is not 1)."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance scale for making the targets."),
                 io.Sampler.Input("sampler", tooltip="Any sampler (KSamplerSelect, or a node of this pack)."),
                 io.Sigmas.Input("sigmas", tooltip="A full schedule (e.g. BasicScheduler); only the steps above the "
                                                   "junction are run."),
@@ -217,7 +218,7 @@ class TargetsInvert(io.ComfyNode):
                         "sigma. Targets then lie on the model's own ODE paths: an ODE finisher (euler) walks back "
                         "close to the encoded image. Costs count x steps model calls.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model that inverts the latents (and that you will sample with)."),
                 io.Conditioning.Input("positive", tooltip="Conditioning for the inversion (usually an empty prompt)."),
                 io.Latent.Input("latents", tooltip="Clean latents (VAE Encode of your images)."),
                 io.Float.Input("sigma_junction", default=1.0, min=0.001, max=1000.0, step=0.001,
@@ -381,7 +382,7 @@ class SaveMap(io.ComfyNode):
             description="Saves a fitted map (targets, heights and what they were made for) to models/fs_ot_maps "
                         "as safetensors. Never overwrites: a new number is added to the name.",
             inputs=[
-                OT_MAP.Input("ot_map"),
+                OT_MAP.Input("ot_map", tooltip="A fitted map from DPM-OT Fit Map."),
                 io.String.Input("filename_prefix", default="dpm_ot_map",
                                 tooltip="File name start; _00001.safetensors etc. is appended."),
             ],
@@ -522,9 +523,10 @@ class DPMOTSigmas(io.ComfyNode):
             description="The finishing schedule for a DPM-OT map: the chosen scheduler's steps from the map's "
                         "junction sigma down to 0 (like 'denoise', anchored at the junction).",
             inputs=[
-                io.Model.Input("model"),
-                OT_MAP.Input("ot_map"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras"),
+                io.Model.Input("model", tooltip="The model you sample with (gives the scheduler its sigma range)."),
+                OT_MAP.Input("ot_map", tooltip="The map whose junction sigma starts the schedule."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="karras",
+                               tooltip="How the finishing steps are spaced below the junction."),
                 io.Int.Input("steps", default=5, min=1, max=1000,
                              tooltip="Finishing steps after the jump (the model calls of Euler-type finishers)."),
             ],
