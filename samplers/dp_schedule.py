@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, ddim_step
 
 VARIANCES = ("small", "large")
 DECODERS = ("sigma", "mse")
@@ -97,10 +97,10 @@ def probe_local_error(model, latents: torch.Tensor, grid: torch.Tensor, schedule
         for k in range(k_t, 0, -1):  # reference walk down the fine grid
             if k != k_t:
                 d = denoise(y, k)
-            y = d + (lam[k - 1] / lam[k]) * (y - d)
+            y = ddim_step(y, d, lam[k], lam[k - 1])
             if (k - 1) % substeps == 0:
                 j = (k - 1) // substeps  # node j + 1
-                jump = d_t + (lam[k - 1] / lam[k_t]) * (y_t - d_t)
+                jump = ddim_step(y_t, d_t, lam[k_t], lam[k - 1])
                 cost[t, j + 1] = mean_sq(jump, y, k - 1)
         d_final = d_t if t == 1 else denoise(y, 0)
         cost[t, 0] = float((d_t - d_final).flatten(1).pow(2).sum(1).mean()) / dim

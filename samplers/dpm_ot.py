@@ -25,7 +25,8 @@ from .common import check_inputs, gaussian_noise_sampler
 from .er_sde import PRESETS as ER_SDE_PRESETS
 from .er_sde import sample_er_sde
 from .schedule import (
-    NoiseSchedule, comfy_model_sampling, parametrization_of_prediction, prediction_type, resolve_schedule,
+    NoiseSchedule, comfy_model_sampling, ddim_step, log_lam_uniform_sigmas, parametrization_of_prediction,
+    prediction_type, resolve_schedule,
 )
 
 FORMAT = "dpm_ot_map"
@@ -138,18 +139,14 @@ def invert_to_junction(model, clean: torch.Tensor, sigma_junction: float, steps:
     extra_args = {} if extra_args is None else extra_args
     if not 0 < sigma_min < sigma_junction:
         raise ValueError(f"DPM-OT invert: sigma_min {sigma_min:.4g} must lie in (0, junction {sigma_junction:.4g}).")
-    log_lam = torch.linspace(float(schedule.log_lam(torch.tensor(sigma_min, dtype=torch.float64))),
-                             float(schedule.log_lam(torch.tensor(sigma_junction, dtype=torch.float64))),
-                             int(steps) + 1, dtype=torch.float64)
-    sigmas = schedule.sigma_from_lam(torch.exp(log_lam))
-    sigmas[-1] = sigma_junction
+    sigmas = log_lam_uniform_sigmas(int(steps), sigma_min, sigma_junction, schedule).flip(0)
     tab = schedule.coefficients(sigmas)
     alpha, lam = tab.alpha.tolist(), tab.lam.tolist()
     s_in = clean.new_ones([clean.shape[0]])
     x = alpha[0] * clean
     for i in range(int(steps)):
         denoised = model(x, sigmas[i].to(clean) * s_in, **extra_args)
-        x = alpha[i + 1] * (denoised + (lam[i + 1] / lam[i]) * (x / alpha[i] - denoised))
+        x = alpha[i + 1] * ddim_step(x / alpha[i], denoised, lam[i], lam[i + 1])
         if callback is not None:
             callback(i, denoised, x, int(steps))
     return x

@@ -149,6 +149,12 @@ def noise_scale_of(model) -> float:
     return float(getattr(model_sampling, "noise_scale", 1.0)) if model_sampling is not None else 1.0
 
 
+def ddim_step(y: torch.Tensor, denoised: torch.Tensor, lam_from, lam_to) -> torch.Tensor:
+    """Deterministic DDIM step (exponential Euler; exact for a constant denoiser) of the VE-scaled state
+    y = x / alpha from noise level lam_from to lam_to, in either direction."""
+    return denoised + (lam_to / lam_from) * (y - denoised)
+
+
 # ---- reference step schedules (the CLI, tests and benchmarks compare against these) -------
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
