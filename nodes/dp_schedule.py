@@ -9,6 +9,7 @@ from ..samplers.dp_schedule import (
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
 from .comfy_io import CATEGORY, io
+from .guided import conditioning_tensors, run_inside_sampling
 from .ui import sigmas_ui
 
 COMPARE_WITH = ("karras", "normal", "simple")
@@ -116,7 +117,6 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         import torch
 
         import comfy.model_management
-        import comfy.samplers
         import comfy.utils
 
         who = "ELBO Schedule Optimizer"
@@ -149,18 +149,14 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                                                      LOCAL_ERROR_SUBSTEPS, progress, extra)
             return x
 
-        conditioning = [c[0] for c in positive] + [v for c in positive for v in c[1].values()
-                                                   if isinstance(v, torch.Tensor)]
+        conditioning = conditioning_tensors(positive)
         variant = [] if objective == "elbo" else [objective, LOCAL_ERROR_SUBSTEPS]
         key = cache_key(*model_fingerprint(model), samples, *conditioning, grid, seed, CACHE_VERSION, *variant)
         errors = load_probe(cache_folder(), key, grid) if use_cache else None
         if errors is None:
-            guider = comfy.samplers.CFGGuider(model)
-            guider.set_conds(positive, [])
-            guider.set_cfg(1.0)
             try:
-                guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(probe),
-                              torch.tensor([float(grid[-1]), 0.0]), seed=seed, disable_pbar=True)
+                run_inside_sampling(model, positive, [], 1.0, torch.zeros_like(samples), samples,
+                                    [float(grid[-1]), 0.0], seed, probe)
             except ValueError as err:
                 raise ValueError(f"{who}: {err}") from None
             errors = result["errors"]

@@ -10,6 +10,7 @@ from ..samplers.dpm_ot import (
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling, prediction_type
 from .comfy_io import CATEGORY, PREFIX, io
 from .dp_schedule import show_text
+from .guided import conditioning_tensors, run_inside_sampling
 from .registry import register_model_folder
 from .ui import sigmas_ui
 
@@ -58,27 +59,10 @@ def data_latents(model, latents: dict, who: str):
 
 def conditioning_tag(conditioning) -> str:
     """'unconditional' when empty, else a short hash of the conditioning tensors (stored in the map)."""
-    import torch
-
     from ..samplers.dp_schedule import cache_key
 
-    tensors = [c[0] for c in conditioning] + [v for c in conditioning for v in c[1].values()
-                                              if isinstance(v, torch.Tensor)]
+    tensors = conditioning_tensors(conditioning)
     return f"prompt:{cache_key(*tensors)[:16]}" if tensors else "unconditional"
-
-
-def run_inside_sampling(model, positive, negative, cfg, noise, latent, sigmas, seed, function):
-    """Run ``function(k_model, x, sigmas, extra_args, callback, disable)`` where a sampler would run, through
-    ComfyUI's CFGGuider (conditioning, cfg, model loading and patches as in any sampling node)."""
-    import torch
-
-    import comfy.samplers
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    guider.sample(noise, latent, comfy.samplers.KSAMPLER(function), torch.as_tensor(sigmas, dtype=torch.float32),
-                  seed=seed, disable_pbar=True)
 
 
 def pool_report(pool: OTMap) -> str:

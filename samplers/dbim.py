@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .bridge import BridgeSchedule
 from .common import progress, report
+
+if TYPE_CHECKING:
+    from .adm_unet import ADMConfig
 
 SAMPLERS = ("dbim", "dbim_high_order", "ddbm_heun")
 
@@ -316,7 +320,7 @@ class BridgePreset:
     preconditioning), task, and how a condition image is resized to the training resolution."""
 
     name: str
-    adm: "ADMConfig"
+    adm: ADMConfig
     schedule: BridgeSchedule
     task: str = "translate"
     resize: str = "bicubic"  # bicubic (photos, edge maps) | nearest (normal maps)

@@ -10,7 +10,7 @@ from comfyui_fast_samplers.samplers.er_sde import (
     make_noise_function, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
 from comfyui_fast_samplers.samplers.schedule import (
-    NoiseSchedule, flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
+    flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
 )
 from comfyui_fast_samplers.samplers.testbed import (
     ExactModel, default_mixture, gaussian_w2, marginal_sample, random_mixture, single_gaussian, solve_pf_ode,

@@ -1,5 +1,4 @@
 """The ER-SDE node and presets inside real ComfyUI, and parity with ComfyUI's own er_sde."""
-import math
 
 import pytest
 import torch
