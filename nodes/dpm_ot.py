@@ -323,7 +323,8 @@ class FitMap(io.ComfyNode):
             try:
                 state = load_file(str(path))
                 log.info("%s: resuming from %s", who, path)
-            except Exception:
+            except Exception as err:
+                log.warning("%s: ignoring the unreadable checkpoint %s (%s); starting afresh.", who, path, err)
                 state = None
 
         def progress(t, total, last):

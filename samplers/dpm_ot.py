@@ -281,7 +281,8 @@ def _count_cells(factor, heights, n_samples, generator, tile_elements):
     row_tile = max(1, tile_elements // max(n, r))
     for r0 in range(0, n_samples, row_tile):
         z = torch.randn(min(row_tile, n_samples - r0), r, generator=generator, device=factor.device)
-        counts += torch.bincount(tiled_argmax(z, factor, heights, tile_elements=tile_elements), minlength=n)
+        index = tiled_argmax(z, factor, heights, tile_elements=tile_elements)
+        counts.index_add_(0, index, torch.ones(index.shape, dtype=counts.dtype, device=counts.device))  # no sync
     return counts
 
 
