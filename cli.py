@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .samplers import sample_ddim_gmm, sample_dpmpp_2m, sample_er_sde, sample_euler, sample_heun
+from .samplers import (
+    fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m, sample_er_sde,
+    sample_euler, sample_heun,
+)
 from .samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
 from .samplers.testbed import (
     ExactModel, default_mixture, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
@@ -27,6 +30,7 @@ class Entry:
     options: dict = field(default_factory=dict)
     deterministic: bool = False
     evals_per_step: int = 1  # Heun: 2 (its last step 1)
+    junction: dict | None = None  # DPM-OT: {kind: sigma_j}; starts from a map of a data pool, steps below sigma_j
 
     def steps_for(self, nfe: int) -> int:
         return nfe if self.evals_per_step == 1 else (nfe + 1) // 2
@@ -50,7 +54,9 @@ SAMPLERS = [
           {"eta": 0.5, "components": 2, "scale": 0.9, "scale_units": "relative", "covariance": "strict"}),
     Entry("ddim_gmm vub (eta 0, s 0.1, K=2)", sample_ddim_gmm,
           {"eta": 0.0, "components": 2, "scale": 0.1, "covariance": "vub"}),
+    Entry("fs dpm_ot (pool 500, euler)", sample_dpm_ot, {"finisher": "euler"}, junction={"ve": 1.0, "flow": 0.5}),
 ]
+DPM_OT_POOL = 500
 
 VE_RANGE = (0.029, 14.6)  # SD1.5's sigma range
 FLOW_SHIFT, FLOW_T_MIN = 3.0, 0.02
@@ -81,13 +87,29 @@ def run_comparison(nfes=(5, 10, 20, 50), samples=20_000, ode_samples=2_000, seed
         results[kind] = {}
         for entry in SAMPLERS:
             row = {}
+            start_x, options = x, entry.options
+            if entry.junction is not None:
+                start_x, options = _dpm_ot_start(entry, kind, model, mixture, samples, seed)
             for nfe in nfes:
-                sigmas = _schedule(kind, entry.steps_for(nfe))
-                out = entry.fn(model, x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **entry.options)
+                steps = entry.steps_for(nfe)
+                sigmas = _schedule(kind, steps) if entry.junction is None else junction_schedule(
+                    lambda total: _schedule(kind, total), steps, entry.junction[kind])
+                out = entry.fn(model, start_x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **options)
                 ode_err = float((out[:ode_samples] - ode_ref).norm(dim=1).mean()) if entry.deterministic else None
                 row[nfe] = (ode_err, sliced_w2(out, data), mode_weight_error(out, mixture))
             results[kind][entry.label] = row
     return results, floors
+
+
+def _dpm_ot_start(entry: Entry, kind: str, model: ExactModel, mixture, samples: int, seed: int):
+    """(x = s_j * unit noise, options with a map fitted to a fresh pool of data) for a DPM-OT entry."""
+    sigma_j = entry.junction[kind]
+    pool = mixture.sample(DPM_OT_POOL, torch.Generator().manual_seed(seed + 2))[0]
+    ot_map, _ = fit_ot_map(pool_from_clean(pool, sigma_j, "eps" if kind == "ve" else "const", seed=seed),
+                           iterations=300, seed=seed)
+    noise = torch.randn(samples, pool.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 3))
+    s_j = float(model.schedule.s(torch.tensor(sigma_j, dtype=torch.float64)))
+    return s_j * noise, {**entry.options, "ot_map": ot_map}
 
 
 def format_tables(results, floors, nfes) -> str:
@@ -131,11 +153,11 @@ def write_plot(results, nfes, path: Path) -> Path | None:
     for col, kind in enumerate(kinds):
         for row_idx, (idx, ylabel) in enumerate(((0, "distance to exact ODE solution"), (1, "sliced W2 to data"))):
             ax = axes[row_idx][col]
-            for label, row in results[kind].items():
+            for k, (label, row) in enumerate(results[kind].items()):
                 values = [row[n][idx] for n in nfes]
                 if any(v is None for v in values):
                     continue
-                ax.loglog(nfes, values, marker="o", label=label)
+                ax.loglog(nfes, values, marker="os^vD<>ph*X"[k % 11], color=plt.cm.tab20(k % 20), label=label)
             ax.set_xlabel("NFE")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{kind} model: {ylabel}")

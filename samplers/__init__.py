@@ -5,6 +5,8 @@ from .classic import sample_euler, sample_heun, sample_dpmpp_2m
 from .ddim_gmm import sample_ddim_gmm
 from .bridge import BridgeSchedule
 from .dbim import BridgeDenoiser, encode_dbim, interpolate_dbim, sample_dbim, sample_ddbm_heun
+from .dp_schedule import optimize_schedule
+from .dpm_ot import OTMap, fit_ot_map, junction_schedule, load_ot_map, pool_from_clean, sample_dpm_ot, save_ot_map
 
 __all__ = [
     "NoiseSchedule", "resolve_schedule",
@@ -12,4 +14,6 @@ __all__ = [
     "sample_euler", "sample_heun", "sample_dpmpp_2m",
     "sample_ddim_gmm",
     "BridgeSchedule", "BridgeDenoiser", "sample_dbim", "sample_ddbm_heun", "encode_dbim", "interpolate_dbim",
+    "optimize_schedule",
+    "OTMap", "pool_from_clean", "fit_ot_map", "save_ot_map", "load_ot_map", "sample_dpm_ot", "junction_schedule",
 ]
