@@ -103,7 +103,8 @@ def run(parametrization: str):
                    parametrization=parametrization, **options)
             quality[sampler] = (sliced_w2(x, truth), mode_weight_error(x, mixture))
         rows.append((name, k, bits, quality, sigmas))
-    floor = sliced_w2(mixture.sample(4000, torch.Generator().manual_seed(7))[0], truth)
+    exact = [sliced_w2(mixture.sample(4000, torch.Generator().manual_seed(100 + r))[0], truth) for r in range(8)]
+    floor = (sum(exact) / len(exact), min(exact), max(exact))  # exact sets vary mostly in their mode weights
     return rows, floor, (t_elbo, t_local, local_calls, len(local_grid))
 
 
@@ -136,7 +137,9 @@ def main():
     for title, (rows, floor, (t_elbo, t_local, local_calls, g)) in results.items():
         lines += [f"## {title}", "",
                   f"Probe: ELBO {t_elbo:.1f} s (250 model calls); local error {t_local:.1f} s ({local_calls} model "
-                  f"calls, {g} candidates). Sliced-W2 floor (two exact sample sets): {floor:.4f}.", "",
+                  f"calls, {g} candidates). Sliced W2 of exact 4000-sample sets to the same truth: mean "
+                  f"{floor[0]:.4f}, range {floor[1]:.4f}-{floor[2]:.4f} (8 sets; they differ mostly in their mode "
+                  "weights, so differences within this spread are noise).", "",
                   "Each cell: sliced W2 / mode-weight error.", "",
                   "| schedule | K | ELBO bits/dim | " + " | ".join(SAMPLERS) + " |",
                   "|---|---|---|" + "---|" * len(SAMPLERS)]
