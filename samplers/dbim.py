@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from .bridge import BridgeSchedule
+import numpy as np
+
 from .common import progress, report
+from .multistep import StepRow, derivative_weights, run_rows
 
 if TYPE_CHECKING:
     from .adm_unet import ADMConfig
@@ -133,18 +136,10 @@ def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
         w = [0.0, 0.0, 0.0]
         if step_order == 1:
             w[0] = b[t] - k * b[s]
-        else:
-            h, h1 = lam[t] - lam[s], lam[s] - lam[s - 1]
-            phi1, phi2, phi3 = _phis(h)
-            if step_order == 2:
-                d1 = (1 / h1, -1 / h1, 0.0)
-                d2 = (0.0, 0.0, 0.0)
-            else:
-                h2 = lam[s - 1] - lam[s - 2]
-                d1 = ((2 * h1 + h2) / (h1 * (h1 + h2)),
-                      -(2 * h1 + h2) / (h1 * (h1 + h2)) - h1 / (h2 * (h1 + h2)),
-                      h1 / (h2 * (h1 + h2)))
-                d2 = (2 / (h1 * (h1 + h2)), -2 / (h1 * (h1 + h2)) - 2 / (h2 * (h1 + h2)), 2 / (h2 * (h1 + h2)))
+        else:  # derivatives in lambda of the polynomial through the last step_order outputs
+            phi1, phi2, phi3 = _phis(lam[t] - lam[s])
+            d1, d2 = np.zeros(3), np.zeros(3)
+            d1[:step_order], d2[:step_order] = derivative_weights(lam[s::-1][:step_order], lam[s], 2)
             w = [b[t] * (phi1 * (j == 0) + phi2 * d1[j] + phi3 * d2[j]) for j in range(3)]
         steps.append(DBIMStep(t=float(ts[s]), t_next=float(ts[t]), k=k, cT=a[t] - k * a[s], w=tuple(w),
                               noise=omega if n < last else 0.0, order=step_order))
@@ -152,20 +147,12 @@ def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
 
 
 def _run_plan(denoiser, x, x_T, plan, noise_sampler, callback, first_index, disable):
-    history = [None, None, None]
-    for n in progress(len(plan), disable):
-        step = plan[n]
-        x0 = denoiser(x, _times(x, step.t), x_T)
-        history = [x0, history[0], history[1]]
-        report(callback, first_index + n, x, step.t, x0)
-        update = step.k * x + step.cT * x_T
-        for weight, d in zip(step.w, history):
-            if weight != 0.0:
-                update = update + weight * d
-        if step.noise != 0.0:
-            update = update + step.noise * noise_sampler()
-        x = update
-    return x
+    rows = [StepRow(step.t, step.t_next, A=step.k, W=step.w, C=step.cT, E=step.noise, draw=step.noise != 0.0,
+                    order=step.order) for step in plan]
+    shifted = None if callback is None else (lambda d: callback({**d, "i": d["i"] + first_index}))
+    return run_rows(None, x, rows, callback=shifted, disable=disable, constant=x_T,
+                    noise_sampler=None if noise_sampler is None else (lambda sigma, sigma_next: noise_sampler()),
+                    call=lambda x_t, row: denoiser(x_t, _times(x_t, row.sigma), x_T))
 
 
 def _grid(schedule, steps, ts, spacing):

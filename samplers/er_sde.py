@@ -1,8 +1,8 @@
 """ER-SDE-Solvers (Cui et al., arXiv 2309.06169): exact-coefficient multistep solvers of the
 extended reverse-time SDE family, orders 1-3, for VE, VP and flow models.
 
-Every step is ``x <- A x + B0 D_i + B1 D_{i-1} + B2 D_{i-2} + E z`` with float64 scalars
-computed once per run (``plan_er_sde``); the loop only calls the model and does axpy updates.
+Every step is a row of the shared multistep core, ``x <- A x + W0 D_i + W1 D_{i-1} + ... + E z``, with
+float64 scalars computed once per run (``plan_er_sde``), executed by ``multistep.run_rows``.
 Derivation and measurements: shared/specs/er_sde.md.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .common import gaussian_noise_sampler, progress, report, setup_run, step_noise_scale
+from .common import gaussian_noise_sampler, setup_run, step_noise_scale
+from .multistep import StepRow, derivative_weights, merge_correction, run_rows
 from .schedule import NoiseSchedule, comfy_model_sampling
 
 LOG10 = math.log(10.0)
@@ -134,10 +135,10 @@ _PANEL_WIDTH = 0.5  # in v = log(lam/lam_t); 8-node panels of this width: ~5e-15
 _CLOSED_FORM_MIN_U = 0.05  # below this the power-law closed form of c3 cancels; use quadrature
 
 
-def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float) -> tuple[float, float]:
-    """c2 = phi_t int 1/phi + (lam_t - lam_s), c3 = phi_t int (lam - lam_s)/phi + (lam_t - lam_s)^2/2
-    over [lam_t, lam_s], from their sign-definite forms (integration by parts), composite
-    Gauss-Legendre in v = log(lam / lam_t)."""
+def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float, terms: int = 2) -> tuple:
+    """c_{k+1} = phi_t int_{lam_t}^{lam_s} kappa (lam - lam_s)^k / (k! phi) dlam / lam ... in the sign-definite
+    form (integration by parts), k = 1..terms: c2 = phi_t int 1/phi + (lam_t - lam_s),
+    c3 = phi_t int (lam - lam_s)/phi + (lam_t - lam_s)^2/2; composite Gauss-Legendre in v = log(lam / lam_t)."""
     u = math.log(lam_s / lam_t)
     rho = math.exp(u)
     panels = max(1, math.ceil(u / _PANEL_WIDTH))
@@ -148,11 +149,11 @@ def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float
     L_t = math.log(lam_t)
     kernel = w * fn.kappa(L_t + v) * np.exp(fn.log_phi(np.array(L_t)) - fn.log_phi(L_t + v))
     gap = np.exp(v) - rho  # <= 0
-    return float(lam_t * np.sum(gap * kernel)), float(lam_t**2 * np.sum(gap**2 / 2 * kernel))
+    return tuple(float(lam_t**k * np.sum(gap**k / math.factorial(k) * kernel)) for k in range(1, terms + 1))
 
 
 def taylor_coefficients_power(p: float, lam_t: float, lam_s: float) -> tuple[float, float]:
-    """Closed forms for phi = lam^p with E(a) = (rho^a - 1)/a."""
+    """Closed forms of c2, c3 for phi = lam^p with E(a) = (rho^a - 1)/a."""
     u = math.log(lam_s / lam_t)
 
     def E(a):
@@ -178,31 +179,27 @@ def taylor_coefficients_comfy(fn: NoiseFunction, lam_t: float, lam_s: float) -> 
     return float(dt + s1 * phi_t), float(dt * dt / 2 + s_u * phi_t)
 
 
-def taylor_coefficients(fn: NoiseFunction, lam_t: float, lam_s: float, quadrature: str = "exact"):
+def taylor_coefficients(fn: NoiseFunction, lam_t: float, lam_s: float, quadrature: str = "exact",
+                        terms: int = 2) -> tuple:
+    """(c2, ..., c_{terms+1}); c4 and beyond always by quadrature."""
     if quadrature == "comfy_riemann":
-        return taylor_coefficients_comfy(fn, lam_t, lam_s)
-    if fn.power is not None and math.log(lam_s / lam_t) >= _CLOSED_FORM_MIN_U:
-        return taylor_coefficients_power(fn.power, lam_t, lam_s)
-    return taylor_coefficients_quadrature(fn, lam_t, lam_s)
+        head = taylor_coefficients_comfy(fn, lam_t, lam_s)
+    elif fn.power is not None and math.log(lam_s / lam_t) >= _CLOSED_FORM_MIN_U:
+        head = taylor_coefficients_power(fn.power, lam_t, lam_s)
+    else:
+        return taylor_coefficients_quadrature(fn, lam_t, lam_s, max(terms, 2))[:terms]
+    if terms <= 2:
+        return head[:terms]
+    return head + taylor_coefficients_quadrature(fn, lam_t, lam_s, terms)[2:]
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
 
 @dataclass
-class StepRow:
-    evaluate: bool = True  # call the model at this step (False for zero-length steps)
-    A: float = 1.0
-    B: tuple = (0.0, 0.0, 0.0)  # weights of D_i, D_{i-1}, D_{i-2} (the last evaluations)
-    E: float = 0.0  # noise coefficient (already times s_noise)
-    draw: bool = False  # draw a noise sample (ComfyUI draws at every step to sigma > 0)
-    order: int = 0
-    clock: tuple = (0.0, 0.0)  # Brownian clock tau = 1/psi^2 at (lam_s, lam_t), see brownian_noise_sampler
-
-
-@dataclass
 class ERSDEPlan:
     model_sigmas: torch.Tensor  # float64, the sigmas the model is queried at
-    rows: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # multistep.StepRow, weights on D_i, D_{i-1}, ...
+    clocks: dict = field(default_factory=dict)  # (sigma, sigma_next) -> Brownian clock (tau_s, tau_t)
     clamped_steps: int = 0  # steps where kappa < 1 forced q <= 1 (no noise)
 
 
@@ -214,7 +211,8 @@ FINAL_STEPS = ("denoise", "extrapolate")
 
 
 def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
-                  final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, p=2.0, a=0.0):
+                  final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, p=2.0, a=0.0,
+                  corrector=False):
     """Raise a ValueError naming the bad option (the node calls this before sampling starts)."""
     for value, allowed, what in ((order, ORDERS, "order"), (derivatives, DERIVATIVES, "derivatives"),
                                  (quadrature, QUADRATURES, "quadrature"), (flow_start, FLOW_STARTS, "flow_start"),
@@ -223,26 +221,42 @@ def check_options(order=3, derivatives="corrected", quadrature="exact", flow_sta
             raise ValueError(f"ER-SDE: {what} must be one of {allowed}, got {value!r}.")
     if s_noise < 0:
         raise ValueError(f"ER-SDE: s_noise must be >= 0, got {s_noise}.")
-    return make_noise_function(noise_fn, eta=eta, p=p, a=a)
+    fn = make_noise_function(noise_fn, eta=eta, p=p, a=a)
+    if corrector and not fn.deterministic:
+        raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {fn.name}.")
+    return fn
 
 
 def _derivative_weights(lams: list[float], order: int, derivatives: str):
-    """Weights on (D_i, D_{i-1}, D_{i-2}) of D' and D'' from Newton divided differences in lam."""
-    d1 = np.zeros(3)
-    d2 = np.zeros(3)
+    """Weights on (D_i, D_{i-1}, D_{i-2}) of D' and D'' at lam_i. 'corrected': the derivatives of the
+    interpolating polynomial (a true 3rd order); 'paper': D' = the slope between the two newest nodes
+    (the midpoint slope of the published update)."""
+    d = np.zeros((2, 3))
     if order < 2:
-        return d1, d2
-    l0, l1 = lams[0], lams[1]
-    f01 = np.array([1.0, -1.0, 0.0]) / (l0 - l1)
-    d1 = f01
-    if order >= 3:
-        l2 = lams[2]
-        f12 = np.array([0.0, 1.0, -1.0]) / (l1 - l2)
-        f012 = (f01 - f12) / (l0 - l2)
-        d2 = 2.0 * f012
-        if derivatives == "corrected":  # slope at lam_i, not at the midpoint: true 3rd order
-            d1 = f01 + (l0 - l1) * f012
-    return d1, d2
+        return d[0], d[1]
+    d[:, :order] = derivative_weights(lams[:order], lams[0], 2)
+    if derivatives == "paper" and order >= 3:
+        d[0] = 0.0
+        d[0, :2] = derivative_weights(lams[:2], lams[0], 1)[0]
+    return d[0], d[1]
+
+
+def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor: tuple,
+                    fn: NoiseFunction, quadrature: str):
+    """Weights on (D_t, D_s, D_{s1}, ...) of the corrector's change of x_t (UniC-style, exact weights):
+    the derivatives at lam_s of the polynomial through lam_t and the predictor's nodes replace the
+    predictor's, y_t += sum_k c_{k+1} (a_k^corr - a_k^pred) (shared/specs/calibration.md section 3.3)."""
+    corr_nodes = [lam_t] + nodes
+    terms = len(nodes)
+    c = taylor_coefficients(fn, lam_t, lam_s, quadrature, terms)
+    corr = derivative_weights(corr_nodes, lam_s, terms)
+    change = np.zeros(len(corr_nodes))
+    for k in range(terms):
+        pred_k = np.zeros(len(corr_nodes))
+        if k < len(predictor):
+            pred_k[1:] = predictor[k][:len(nodes)]
+        change += c[k] * (corr[k] - pred_k)
+    return tuple(alpha_t * change)
 
 
 def plan_er_sde(
@@ -256,24 +270,28 @@ def plan_er_sde(
     final_step: str = "denoise",
     s_noise: float = 1.0,
     flow_start_sigma: float | None = None,
+    corrector: bool = False,
 ) -> ERSDEPlan:
-    """All coefficients of a run, in float64 on the host."""
+    """All coefficients of a run, in float64 on the host. Row i depends only on sigmas[: i + 2]."""
     check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
                   final_step=final_step, s_noise=s_noise)
+    if corrector and not noise_fn.deterministic:
+        raise ValueError(f"ER-SDE: the corrector is for the ODE only, got {noise_fn.name}.")
     sig = sigmas.to(torch.float64).clone()
     if schedule.is_flow and flow_start == "comfy_offset" and sig[0] >= 1.0:
         sig[0] = flow_start_sigma if flow_start_sigma is not None else 1.0 - 1e-4
     tab = schedule.coefficients(sig)
-    alpha, s, lam, log_lam = (t.tolist() for t in (tab.alpha, tab.s, tab.lam, tab.log_lam))
+    sig_list, alpha, s, lam, log_lam = (t.tolist() for t in (tab.sigma, tab.alpha, tab.s, tab.lam, tab.log_lam))
     L_arr = np.array(log_lam)
     log_psi = np.where(np.isfinite(L_arr), noise_fn.log_phi(np.where(np.isfinite(L_arr), L_arr, 0.0)) - L_arr, np.nan)
     plan = ERSDEPlan(model_sigmas=sig)
     history: list[float] = []  # lam of past evaluations, newest first
+    pending = None  # the corrector's change of the current state, folded into the step that leaves it
     stochastic = s_noise > 0 and not noise_fn.deterministic
     for i in range(len(sig) - 1):
-        sig_s, sig_t = float(sig[i]), float(sig[i + 1])
+        sig_s, sig_t = sig_list[i], sig_list[i + 1]
         if sig_t == sig_s:
-            plan.rows.append(StepRow(evaluate=False))
+            plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
             continue
         history.insert(0, lam[i])
         usable = 0
@@ -282,12 +300,13 @@ def plan_er_sde(
                 break
             usable += 1
         step_order = min(order, max(usable, 1))
+        d1, d2 = _derivative_weights(history, step_order, derivatives)
         if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
-            B = np.array([1.0, 0.0, 0.0])
+            W = np.array([1.0, 0.0, 0.0])
             if final_step == "extrapolate" and step_order >= 2:
-                d1, d2 = _derivative_weights(history, step_order, derivatives)
-                B = B - lam[i] * d1 + lam[i] ** 2 / 2 * d2
-            plan.rows.append(StepRow(A=0.0, B=tuple(B), order=step_order))
+                W = W - lam[i] * d1 + lam[i] ** 2 / 2 * d2
+            plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=tuple(W), order=step_order))
+            pending = None
             continue
         if math.isfinite(log_psi[i]):
             log_q = log_psi[i + 1] - log_psi[i]
@@ -298,15 +317,20 @@ def plan_er_sde(
             log_q = 0.0
         q = math.exp(log_q)
         A = s[i + 1] / s[i] * q
-        B = np.array([alpha[i + 1] - A * alpha[i], 0.0, 0.0])
+        W = np.array([alpha[i + 1] - A * alpha[i], 0.0, 0.0])
         if step_order >= 2:
             c2, c3 = taylor_coefficients(noise_fn, lam[i + 1], lam[i], quadrature)
-            d1, d2 = _derivative_weights(history, step_order, derivatives)
-            B = B + alpha[i + 1] * c2 * d1 + (alpha[i + 1] * c3 * d2 if step_order >= 3 else 0.0)
+            W = W + alpha[i + 1] * c2 * d1 + (alpha[i + 1] * c3 * d2 if step_order >= 3 else 0.0)
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
-        log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
-        clock = (math.exp(-2.0 * log_psi_s), math.exp(-2.0 * log_psi[i + 1]))
-        plan.rows.append(StepRow(A=A, B=tuple(B), E=E, draw=stochastic, order=step_order, clock=clock))
+        if stochastic:
+            log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
+            plan.clocks[(sig_s, sig_t)] = (math.exp(-2.0 * log_psi_s), math.exp(-2.0 * log_psi[i + 1]))
+        row = StepRow(sig_s, sig_t, A=A, W=tuple(W), E=E, draw=stochastic, order=step_order)
+        plan.rows.append(merge_correction(row, pending))
+        pending = None
+        if corrector and math.isfinite(lam[i]):
+            pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], history[:step_order],
+                                      (d1, d2) if step_order >= 2 else (), noise_fn, quadrature)
     if plan.clamped_steps:
         warnings.warn(
             f"ER-SDE: the noise function {noise_fn.name} has kappa < 1 on {plan.clamped_steps} step(s) of this "
@@ -317,25 +341,26 @@ def plan_er_sde(
 
 
 def brownian_noise_sampler(x: torch.Tensor, plan: ERSDEPlan, seed=None):
-    """Step noise as normalised increments of one Brownian path in the clock tau = 1/psi^2:
-    the ER-SDE step's noise variance is s_t^2 psi_t^2 (tau_t - tau_s), so two half-steps compose
-    into one and runs with N and 2N steps share the path. tau is mapped affinely to [0, 1]."""
+    """Step noise ``(sigma, sigma_next) -> z`` as normalised increments of one Brownian path in the clock
+    tau = 1/psi^2: the ER-SDE step's noise variance is s_t^2 psi_t^2 (tau_t - tau_s), so two half-steps
+    compose into one and runs with N and 2N steps share the path. tau is mapped affinely to [0, 1]."""
     try:
         import torchsde
     except ImportError as err:
         raise ImportError("ER-SDE: noise='brownian' needs the torchsde package (ComfyUI ships it); "
                           "use noise='gaussian' or pip install torchsde.") from err
-    clocks = [t for row in plan.rows if row.draw for t in row.clock]
+    clocks = [t for pair in plan.clocks.values() for t in pair]
     if not clocks:
-        return lambda row: torch.zeros_like(x)
+        return lambda sigma, sigma_next: torch.zeros_like(x)
     lo, hi = min(clocks), max(clocks)
     span = hi - lo if hi > lo else 1.0
     seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
     tree = torchsde.BrownianTree(t0=torch.tensor(0.0, dtype=torch.float64), w0=torch.zeros_like(x, dtype=torch.float64),
                                  t1=torch.tensor(1.0, dtype=torch.float64), entropy=seed, tol=1e-12)
 
-    def sample(row):
-        t0, t1 = (row.clock[0] - lo) / span, (row.clock[1] - lo) / span
+    def sample(sigma, sigma_next):
+        tau_s, tau_t = plan.clocks[(sigma, sigma_next)]
+        t0, t1 = (tau_s - lo) / span, (tau_t - lo) / span
         if t1 <= t0:
             return torch.zeros_like(x)
         return (tree(t0, t1) / math.sqrt(t1 - t0)).to(x.dtype)
@@ -374,6 +399,7 @@ def sample_er_sde(
     parametrization: str | None = None,
     noise: str = "gaussian",
     noise_sampler=None,
+    corrector: bool = False,
 ):
     """ER-SDE-Solver of order 1-3 in the k-diffusion convention.
 
@@ -381,40 +407,28 @@ def sample_er_sde(
     ``p`` (power) and ``a`` (sde_1); ``s_noise``; ``derivatives`` 'corrected' (true 3rd order,
     default) or 'paper' (the published / ComfyUI estimator, globally 2nd order); ``quadrature``
     'exact' or 'comfy_riemann'; ``flow_start`` 'exact' (model at sigma = 1, exact limit) or
-    'comfy_offset'; ``final_step`` 'denoise' or 'extrapolate'; ``parametrization`` 've' | 'vp' |
-    'flow' overrides the type read from the ComfyUI model; ``noise`` 'gaussian' (ComfyUI's seeded
+    'comfy_offset'; ``final_step`` 'denoise' or 'extrapolate'; ``corrector`` (ODE only): each state is
+    corrected with the model output taken there (UniC-style, exact weights; no extra evaluation, one
+    order more); ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI model
+    ('ve' on a flow model runs the ODE in its sigma form); ``noise`` 'gaussian' (ComfyUI's seeded
     per-step stream) or 'brownian' (one Brownian path per seed whatever the step count; needs
-    torchsde, which ComfyUI ships); ``noise_sampler(row)`` overrides both."""
+    torchsde, which ComfyUI ships); ``noise_sampler(sigma, sigma_next)`` overrides both."""
     extra_args = {} if extra_args is None else extra_args
-    schedule, sig, s_in = setup_run(model, x, sigmas, "ER-SDE", parametrization)
-    fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a)
+    schedule, sig, _ = setup_run(model, x, sigmas, "ER-SDE", parametrization)
+    fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a,
+                       corrector)
     offset_sigma = None
     if flow_start == "comfy_offset":
         ms = comfy_model_sampling(model)
         if ms is not None and hasattr(ms, "percent_to_sigma"):
             offset_sigma = float(ms.percent_to_sigma(1e-4))
     plan = plan_er_sde(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
-                       step_noise_scale(model, s_noise), offset_sigma)
-    device_sigmas = plan.model_sigmas.to(x.device, torch.as_tensor(sigmas).dtype)
+                       step_noise_scale(model, s_noise), offset_sigma, corrector)
     if noise_sampler is None:
         if noise == "brownian":
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:
             gaussian = gaussian_noise_sampler(x, extra_args.get("seed"))
-            noise_sampler = lambda row: gaussian()  # noqa: E731
-    history = [None, None, None]
-    for i in progress(len(plan.rows), disable):
-        row = plan.rows[i]
-        if not row.evaluate:
-            continue
-        denoised = model(x, device_sigmas[i] * s_in, **extra_args)
-        history = [denoised, history[0], history[1]]
-        report(callback, i, x, device_sigmas[i], denoised)
-        update = row.A * x if row.A != 0.0 else torch.zeros_like(x)
-        for weight, d in zip(row.B, history):
-            if weight != 0.0:
-                update = update + weight * d
-        if row.draw:
-            update = update + row.E * noise_sampler(row)
-        x = update
-    return x
+            noise_sampler = lambda sigma, sigma_next: gaussian()  # noqa: E731
+    device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype)
+    return run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)
