@@ -1,20 +1,10 @@
-"""DDIM-GMM as a SAMPLER node and KSampler dropdown presets (incl. a real eta-DDIM)."""
+"""DDIM-GMM as a SAMPLER node (its KSampler dropdown presets are in samplers/presets.py)."""
 from __future__ import annotations
 
 from ..samplers.ddim_gmm import (
     COVARIANCES, ETA_CONVENTIONS, OFFSETS, ON_INFEASIBLE, SCALE_UNITS, plan_ddim_gmm, sample_ddim_gmm,
 )
 from .comfy_io import CATEGORY, io
-
-KSAMPLER_PRESETS = {
-    # ComfyUI's own "ddim" entry is plain Euler; this one is DDIM with eta = 0.5 (Gaussian kernel).
-    "fs_ddim_eta": (sample_ddim_gmm, {"eta": 0.5, "components": 1}),
-    # the paper's main setting: eta = 0, 8 orthogonal offsets, clipped variance bound, scale 1
-    "fs_ddim_gmm": (sample_ddim_gmm, {"eta": 0.0, "components": 8, "scale": 1.0, "covariance": "vub"}),
-    # exact moment matching at eta = 1
-    "fs_ddim_gmm_strict": (sample_ddim_gmm, {"eta": 1.0, "components": 8, "scale": 0.9, "scale_units": "relative",
-                                             "covariance": "strict"}),
-}
 
 
 class DDIMGMMSampler(io.ComfyNode):

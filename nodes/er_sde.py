@@ -1,14 +1,11 @@
-"""ER-SDE Solver as a SAMPLER node and as KSampler dropdown presets."""
+"""ER-SDE Solver as a SAMPLER node (its KSampler dropdown presets are in samplers/presets.py)."""
 from __future__ import annotations
 
 from ..samplers.er_sde import (
-    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, PRESETS, QUADRATURES, check_options,
+    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options,
     sample_er_sde,
 )
 from .comfy_io import CATEGORY, io
-
-KSAMPLER_PRESETS = {f"fs_{name}": (sample_er_sde, options) for name, options in PRESETS.items()}
-
 
 class ERSDESolverSampler(io.ComfyNode):
     @classmethod
@@ -59,16 +56,21 @@ class ERSDESolverSampler(io.ComfyNode):
                 io.Combo.Input("final_step", options=list(FINAL_STEPS), default="denoise",
                                tooltip="denoise: the last step returns the model's clean prediction (standard). "
                                        "extrapolate: also applies the higher-order correction (experimental)."),
+                io.Boolean.Input("corrector", default=False, optional=True,
+                                 tooltip="Deterministic (ode / eta 0) only: re-use each model evaluation to correct "
+                                         "the step that led to it. One order more accurate at the same number of model "
+                                         "calls (the fs_er_sde_ode_3_unic preset)."),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to the sampler input of SamplerCustom(Advanced).")],
         )
 
     @classmethod
-    def execute(cls, order, noise_fn, eta, p, a, s_noise, noise, derivatives, quadrature, flow_start, final_step) -> io.NodeOutput:
+    def execute(cls, order, noise_fn, eta, p, a, s_noise, noise, derivatives, quadrature, flow_start, final_step,
+                corrector=False) -> io.NodeOutput:
         import comfy.samplers
 
         options = dict(order=order, noise_fn=noise_fn, eta=eta, p=p, a=a, s_noise=s_noise, noise=noise, derivatives=derivatives,
-                       quadrature=quadrature, flow_start=flow_start, final_step=final_step)
+                       quadrature=quadrature, flow_start=flow_start, final_step=final_step, corrector=corrector)
         try:
             check_options(**options)
         except ValueError as err:  # ComfyUI 0.3.64 does not check V3 combo values itself

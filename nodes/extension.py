@@ -16,10 +16,9 @@ def all_nodes() -> list:
 
 
 def all_presets() -> dict:
-    presets = {}
-    for module in _method_modules():
-        presets.update(getattr(module, "KSAMPLER_PRESETS", {}))
-    return presets
+    from ..samplers.presets import SAMPLERS
+
+    return SAMPLERS
 
 
 class FastSamplersExtension(ComfyExtension):

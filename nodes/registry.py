@@ -5,28 +5,16 @@ we add prefixed functions there and append the names to both name lists, in plac
 once, never touching ComfyUI's own entries."""
 from __future__ import annotations
 
-import functools
-
-
-def preset_function(fn, options: dict):
-    """A k-diffusion sampler function with fixed options (what a dropdown entry calls)."""
-
-    @functools.wraps(fn)
-    def preset(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
-
-    return preset
-
 
 def register_ksampler_presets(presets: dict) -> list[str]:
-    """presets: {name: (function, options)}; returns the names now in the dropdown."""
+    """presets: {name: sampler function} (``samplers.presets.SAMPLERS``); returns the names now in the dropdown."""
     import comfy.k_diffusion.sampling as k_sampling
     import comfy.samplers as samplers
 
-    for name, (fn, options) in presets.items():
+    for name, fn in presets.items():
         if not name.startswith("fs_"):
             raise ValueError(f"Dropdown preset {name!r} must carry the pack prefix 'fs_'.")
-        setattr(k_sampling, "sample_" + name, preset_function(fn, options))
+        setattr(k_sampling, "sample_" + name, fn)
         for names in (samplers.KSAMPLER_NAMES, samplers.SAMPLER_NAMES):
             if name not in names:
                 names.append(name)

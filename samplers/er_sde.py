@@ -375,6 +375,7 @@ PRESETS = {
     "er_sde_3": {"order": 3, "noise_fn": "sde_5"},
     "er_sde_ode_3": {"order": 3, "noise_fn": "ode"},
     "er_sde_sde_3": {"order": 3, "noise_fn": "reverse_sde"},
+    "er_sde_ode_3_unic": {"order": 3, "noise_fn": "ode", "corrector": True},
 }
 
 

@@ -95,11 +95,11 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
         history.insert(0, denoised)
         del history[depth:]
         report(callback, i, x, model_sigmas[i], denoised)
-        x = _combine(x, row, history, constant, noise_sampler)
+        x = apply_row(x, row, history, constant, noise_sampler)
     return x
 
 
-def _combine(x, row: StepRow, history, constant, noise_sampler):
+def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None):
     """A x + sum W D + C c + E z into one new tensor (first term out of place, the rest in place)."""
     terms = [(row.A, x)] if row.A != 0.0 else []
     terms += [(w, d) for w, d in zip(row.W, history) if w != 0.0]

@@ -1,0 +1,367 @@
+"""``calibrate_schedule``: SIGMAS for the user's own model and sampler, without data.
+
+Pipeline (shared/specs/calibration.md section 2): the model's own fine ODE solve from a batch of noises is
+the teacher; a dynamic program whose state is the sampler's own trajectory picks K steps on a candidate
+grid; coordinate descent with the real sampler function refines them end to end; a hold-out batch with
+its own teacher says how well the result generalises, next to stock schedules on the same noises.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..classic import plan_dpmpp_2m, plan_euler, sample_dpmpp_2m, sample_euler, sample_heun
+from ..dp_schedule import cache_key
+from ..er_sde import check_options, plan_er_sde, sample_er_sde
+from ..presets import SAMPLERS
+from ..schedule import NoiseSchedule, comfy_model_sampling, resolve_schedule
+from .search import (
+    SigmaRange, Stepper, candidate_grid, fine_grid, mean_error, refine, solver_aware_dp, teacher_solve,
+)
+
+VERSION = "1"
+PACK_FUNCTIONS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+TEACHER = functools.partial(sample_er_sde, order=3, noise_fn="ode", corrector=True)
+TEACHER_ORDER = 4
+
+
+@dataclass
+class CalibrationReport:
+    steps: int
+    sampler: str
+    sigmas: list
+    calibration_error: float
+    holdout_error: float | None
+    stock: dict = field(default_factory=dict)  # name -> (calibration error, hold-out error)
+    teacher_error: float | None = None  # estimated error of the teacher's final output
+    model_calls: dict = field(default_factory=dict)  # stage -> batched calls (one per N noises)
+    sampler_options: dict = field(default_factory=dict)  # options the calibration chose (pack samplers)
+    seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+    cached: bool = False
+
+    def best_stock(self, key: int = 1):
+        rows = {k: v for k, v in self.stock.items() if v[key] is not None}
+        return min(rows.items(), key=lambda kv: kv[1][key]) if rows else None
+
+    def to_text(self) -> str:
+        held = self.holdout_error is not None
+        col = 1 if held else 0
+        lines = [f"Calibrated schedule for {self.sampler}, {self.steps} steps"
+                 + (" (from the cache: no model calls)" if self.cached else ""),
+                 "sigmas: " + ", ".join(f"{s:.4g}" for s in self.sigmas),
+                 f"error vs the model's own fine solve (mean per-sample L2, {'hold-out' if held else 'calibration'} "
+                 f"noises): calibrated {[self.calibration_error, self.holdout_error][col]:.4g}"]
+        for name, errors in sorted(self.stock.items(), key=lambda kv: (kv[1][col] is None, kv[1][col] or 0.0)):
+            if errors[col] is not None:
+                lines.append(f"  {name}: {errors[col]:.4g}")
+        if held:
+            lines.append(f"calibration-batch error {self.calibration_error:.4g} (hold-out / calibration "
+                         f"{self.holdout_error / max(self.calibration_error, 1e-30):.2f})")
+        if self.teacher_error is not None:
+            lines.append(f"teacher error (estimate): {self.teacher_error:.3g}")
+        if self.sampler_options:
+            lines.append("sampler options chosen: " + ", ".join(f"{k}={v}" for k, v in self.sampler_options.items()))
+        calls = ", ".join(f"{k} {v}" for k, v in self.model_calls.items())
+        lines.append(f"model calls (batched): {sum(self.model_calls.values())} ({calls}); {self.seconds:.1f} s")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class _CountingModel:
+    """Counts batched calls; forwards everything else (ComfyUI samplers read model.inner_model...)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, sigma, **extra_args):
+        self.calls += 1
+        return self.model(x, sigma, **extra_args)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def resolve_sampler(sampler):
+    """(function, options, label) for a pack name, a preset function or any k-diffusion-style callable."""
+    if isinstance(sampler, str):
+        if sampler in SAMPLERS:
+            fn = SAMPLERS[sampler]
+            return fn.func, dict(fn.options), sampler
+        if sampler in PACK_FUNCTIONS:
+            return PACK_FUNCTIONS[sampler], {}, sampler
+        raise ValueError(f"Schedule calibrator: unknown sampler {sampler!r}; use one of "
+                         f"{sorted(SAMPLERS) + sorted(PACK_FUNCTIONS)} or pass a sampler function.")
+    if not callable(sampler):
+        raise ValueError(f"Schedule calibrator: the sampler must be a name or a function, got {type(sampler).__name__}.")
+    if hasattr(sampler, "func") and hasattr(sampler, "options"):  # samplers.presets.preset_function
+        return sampler.func, dict(sampler.options), sampler.__name__
+    if isinstance(sampler, functools.partial):
+        return sampler.func, dict(sampler.keywords), getattr(sampler.func, "__name__", "sampler")
+    return sampler, {}, f"{getattr(sampler, '__module__', '')}.{getattr(sampler, '__qualname__', repr(sampler))}"
+
+
+def planner_for(fn, options: dict, model):
+    """The pack's plan function for (fn, options): sigmas -> rows; a DPM-Solver++(2M) stand-in (sigma form, as
+    ComfyUI runs it) for any other sampler, whose own steps only the refinement sees."""
+    native = resolve_schedule(model, options.get("parametrization"))
+    if fn is sample_er_sde:
+        kept = {k: options[k] for k in ("order", "derivatives", "quadrature", "flow_start", "final_step", "corrector")
+                if k in options}
+        noise_fn = check_options(**{k: v for k, v in options.items() if k in (
+            "order", "derivatives", "quadrature", "flow_start", "final_step", "s_noise", "noise", "noise_fn", "eta",
+            "p", "a", "corrector")})
+        return lambda sig: plan_er_sde(sig, native, noise_fn, s_noise=0.0, **kept).rows
+    if fn is sample_euler:
+        return plan_euler
+    if fn is sample_dpmpp_2m:
+        return lambda sig: plan_dpmpp_2m(sig, native)
+    return lambda sig: plan_dpmpp_2m(sig, NoiseSchedule("ve"))
+
+
+def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=None) -> SigmaRange:
+    """From ComfyUI's model_sampling (sigma_min / sigma_max, and its table when the model is discrete: its
+    timestep() rounds to a table index), from the model's own attributes, or from the options."""
+    schedule = resolve_schedule(model, parametrization)
+    ms = comfy_model_sampling(model)
+    table = None
+    if ms is not None:
+        lo, hi = float(ms.sigma_min), float(ms.sigma_max)
+        sigmas = getattr(ms, "sigmas", None)
+        if sigmas is not None and hasattr(ms, "timestep"):
+            probe = sigmas[len(sigmas) // 2:len(sigmas) // 2 + 1] * 1.0001
+            if not torch.is_floating_point(ms.timestep(probe)):
+                table = sigmas.detach().to("cpu", torch.float64)
+    else:
+        lo, hi = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None)
+    lo = float(sigma_min) if sigma_min is not None else lo
+    hi = float(sigma_max) if sigma_max is not None else (1.0 if schedule.is_flow and hi is None else hi)
+    if lo is None or hi is None:
+        raise ValueError("Schedule calibrator: the model has no sigma range; pass sigma_min and sigma_max "
+                         "(and parametrization) as options.")
+    if not 0 < lo < hi or (schedule.is_flow and hi > 1.0):
+        raise ValueError(f"Schedule calibrator: bad sigma range [{lo}, {hi}] for a {schedule.parametrization} model.")
+    return SigmaRange(schedule, lo, hi, table)
+
+
+def start_state(model, noise: torch.Tensor, rng: SigmaRange) -> torch.Tensor:
+    """x at the start as a ComfyUI run sees it (model_sampling.noise_scaling at max denoise), else s * noise."""
+    ms = comfy_model_sampling(model)
+    sigma = torch.tensor(rng.sigma_max, dtype=torch.float64)
+    if ms is not None:
+        return ms.noise_scaling(sigma.to(noise.dtype), noise, torch.zeros_like(noise), True)
+    return float(rng.schedule.s(sigma)) * noise
+
+
+def check_deterministic(run, x: torch.Tensor, sigmas: torch.Tensor, who: str) -> None:
+    a, b = run(x[:2], sigmas, seed=0), run(x[:2], sigmas, seed=1)
+    if not torch.equal(a, b):
+        raise ValueError(f"{who}: the sampler is stochastic (two seeds gave different results); calibrate its "
+                         "deterministic (ODE) form: the teacher is the model's ODE.")
+
+
+def _stock_sigmas(rng: SigmaRange, steps: int) -> dict:
+    """Reference schedules on the model's range when the caller gives none: z-uniform (from the top interior
+    sigma on flow models) and karras (VE) or shift-3 'simple' (flow)."""
+    from ..schedule import flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas
+
+    head = torch.tensor([rng.sigma_max], dtype=torch.float64)
+    if rng.top < rng.sigma_max:
+        uniform = torch.cat([head, log_lam_uniform_sigmas(max(steps - 2, 0), rng.sigma_min, rng.top, rng.schedule,
+                                                          True)]) if steps > 1 else torch.cat([head, head * 0])
+    else:
+        uniform = log_lam_uniform_sigmas(steps - 1, rng.sigma_min, rng.sigma_max, rng.schedule, True)
+    out = {"log-SNR uniform": uniform}
+    if rng.schedule.is_flow:
+        out["simple (shift 3)"] = flow_shift_sigmas(steps, 3.0)
+    else:
+        out["karras"] = karras_sigmas(steps, rng.sigma_min, rng.sigma_max)
+    return {name: s.to(torch.float32) for name, s in out.items()}
+
+
+def emit(rng: SigmaRange, z: list[float]) -> torch.Tensor:
+    """Float32 SIGMAS: the start, the interior sigmas for z, 0."""
+    interior = rng.sigma(torch.tensor(z, dtype=torch.float64))
+    return torch.cat([torch.tensor([rng.sigma_max], dtype=torch.float64), interior,
+                      torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+
+
+def check_sigmas(sigmas: torch.Tensor, steps: int, who: str) -> None:
+    if sigmas.ndim != 1 or len(sigmas) != steps + 1 or sigmas[-1] != 0 or not (sigmas[1:] < sigmas[:-1]).all():
+        raise RuntimeError(f"{who}: produced an invalid schedule {sigmas.tolist()} (a bug: please report it).")
+
+
+@torch.no_grad()
+def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra_args: dict | None = None,
+                       parametrization: str | None = None, sigma_min: float | None = None,
+                       sigma_max: float | None = None, candidates: int = 64, teacher_substeps: int = 4,
+                       holdout: int | torch.Tensor | None = None, seed: int = 0, refine_trials: int | None = None,
+                       min_gap: float = 0.05, stock: dict | None = None, variants: list | None = None,
+                       max_rows: int = 1 << 16, progress=None, cache_dir=None, model_key: str | None = None,
+                       who: str = "Schedule calibrator"):
+    """(SIGMAS float32 [steps + 1], CalibrationReport) for ``sampler`` on ``model`` (module docstring).
+
+    ``noise``: unit Gaussian noise [N, *latent_shape] (the calibration batch); ``sampler``: a name of the
+    pack's dropdown (``SAMPLERS``), 'euler' / 'dpmpp_2m', or any deterministic k-diffusion-convention
+    function. The sigma range comes from the model's ``model_sampling`` or from ``sigma_min`` /
+    ``sigma_max``. ``holdout``: a number of fresh noises (drawn with ``seed``) or a noise tensor, 0 for none
+    (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
+    uniform). ``variants``: option dicts for a pack sampler to try (e.g. {'final_step': 'extrapolate'}); the
+    best goes into the report's ``sampler_options``. ``progress(stage, done, total)`` may raise to stop
+    (nothing is written then). ``cache_dir`` + ``model_key`` (a string naming the model, conditioning and cfg):
+    results are stored there, and the same call again returns them without a model call."""
+    t0 = time.perf_counter()
+    extra_args = {} if extra_args is None else dict(extra_args)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{who}: steps must be a positive integer, got {steps!r}.")
+    if noise.ndim < 2 or noise.shape[0] < 1 or not torch.isfinite(noise).all():
+        raise ValueError(f"{who}: noise must be a finite batch [N, ...] of unit Gaussian noise, got "
+                         f"shape {tuple(noise.shape)}.")
+    fn, options, label = resolve_sampler(sampler)
+    rng = model_sigma_range(model, parametrization, sigma_min, sigma_max)
+    key = None
+    if cache_dir is not None:
+        if not model_key:
+            raise ValueError(f"{who}: a cache needs a model_key naming the model, its conditioning and cfg.")
+        key = cache_key(VERSION, model_key, noise, holdout if isinstance(holdout, torch.Tensor) else str(holdout),
+                        steps, label, sorted(options.items()), rng.schedule.parametrization, rng.sigma_min,
+                        rng.sigma_max, candidates, teacher_substeps, seed, refine_trials, min_gap,
+                        repr(variants), *[part for name in sorted(stock or {}) for part in (name, stock[name])])
+        hit = load_cached(cache_dir, key)
+        if hit is not None:
+            return hit
+    counter = _CountingModel(model)
+    calls: dict[str, int] = {}
+    report_progress = progress or (lambda stage, done, total: None)
+
+    def stage(name):
+        calls[name] = calls.get(name, 0) - counter.calls
+
+    def end(name):
+        calls[name] += counter.calls
+
+    grid = candidate_grid(rng, candidates)
+    nodes = grid[grid < rng.sigma_max]
+    if len(nodes) < steps - 1:
+        raise ValueError(f"{who}: {steps} steps need more candidate noise levels than {len(nodes)}; raise "
+                         "'candidates' or lower 'steps'.")
+    fine, node_index = fine_grid(rng, nodes, teacher_substeps)
+    x_cal = start_state(model, noise, rng)
+
+    def teacher(x):
+        states, final = teacher_solve(TEACHER, counter, x, fine, node_index, extra_args)
+        if not torch.isfinite(final).all():
+            raise ValueError(f"{who}: the model returned NaN or infinity during the teacher solve.")
+        return states, final
+
+    report_progress("teacher", 0, 3)
+    stage("teacher")
+    states, final = teacher(x_cal)
+    report_progress("teacher", 1, 3)
+    coarse, coarse_index = fine_grid(rng, nodes, max(1, teacher_substeps // 2))
+    half = TEACHER(counter, x_cal.clone(), coarse, extra_args=dict(extra_args), disable=True)
+    teacher_error = mean_error(final, half) / (2**TEACHER_ORDER - 1)
+    end("teacher")
+    report_progress("teacher", 2, 3)
+
+    def run(fn_options, x, sigmas, seed=None):
+        args = dict(extra_args) if seed is None else dict(extra_args, seed=seed)
+        return fn(counter, x.clone(), sigmas.clone(), extra_args=args, disable=True, **fn_options)
+
+    stock = _stock_sigmas(rng, steps) if stock is None else dict(stock)
+    init = next(iter(stock.values()))
+    stage("checks")
+    check_deterministic(lambda x, s, seed: run(options, x, s, seed), x_cal, init, who)
+    end("checks")
+
+    stage("dp")
+    stepper = Stepper(planner_for(fn, options, model))
+    path, _ = solver_aware_dp(counter, stepper, x_cal, rng.sigma_max, nodes, states, final, steps, extra_args,
+                              max_rows, lambda d, t: report_progress("search", d, t))
+    end("dp")
+
+    # starting points for the refinement: the DP path and every stock schedule, with every option variant
+    stage("refine")
+    variants = [{}] + [dict(v) for v in (variants or [])]
+    starts = {"dp": emit(rng, rng.z(torch.tensor(path[1:], dtype=torch.float64)).tolist())}
+    starts.update({name: s for name, s in stock.items() if len(s) == steps + 1})
+    scored = []
+    for v in variants:
+        for name, sigmas in starts.items():
+            scored.append((mean_error(run({**options, **v}, x_cal, sigmas), final), name, tuple(v.items()), sigmas))
+    stock_cal = {name: mean_error(run(options, x_cal, s), final) for name, s in stock.items()}
+    _, _, variant, init_sigmas = min(scored, key=lambda t: t[0])
+    chosen = {**options, **dict(variant)}
+    z0 = rng.z(init_sigmas[1:-1].to(torch.float64)).tolist()
+    budget = refine_trials if refine_trials is not None else 2 * candidates
+    z_best, cal_error, _ = refine(lambda z: mean_error(run(chosen, x_cal, emit(rng, z)), final), z0, rng, min_gap,
+                                  budget, progress=lambda d, t: report_progress("refine", d, t))
+    sigmas = emit(rng, z_best)
+    check_sigmas(sigmas, steps, who)
+    end("refine")
+
+    holdout_error, stock_errors, warns = None, {name: (err, None) for name, err in stock_cal.items()}, []
+    if holdout is None:
+        holdout = noise.shape[0]
+    if isinstance(holdout, torch.Tensor) or holdout > 0:
+        stage("hold-out")
+        x_hold = holdout if isinstance(holdout, torch.Tensor) else torch.randn(
+            (holdout, *noise.shape[1:]), generator=torch.Generator().manual_seed(int(seed) + 1),
+            dtype=noise.dtype).to(noise.device)
+        _, final_hold = teacher(start_state(model, x_hold, rng))
+        holdout_error = mean_error(run(chosen, start_state(model, x_hold, rng), sigmas), final_hold)
+        for name, s in stock.items():
+            stock_errors[name] = (stock_cal[name], mean_error(run(options, start_state(model, x_hold, rng), s),
+                                                              final_hold))
+        end("hold-out")
+        if holdout_error > 1.5 * cal_error:
+            warns.append(f"the hold-out error is {holdout_error / cal_error:.1f}x the calibration error: more "
+                         "noises would make the schedule generalise better")
+    reference = holdout_error if holdout_error is not None else cal_error
+    if teacher_error > 0.1 * reference:
+        warns.append(f"the teacher is not converged enough (error estimate {teacher_error:.3g} vs the schedule's "
+                     f"{reference:.3g}): raise teacher_substeps")
+    for w in warns:
+        warnings.warn(f"{who}: {w}", stacklevel=2)
+    changed = {k: v for k, v in chosen.items() if options.get(k) != v}
+    report = CalibrationReport(steps, label, [float(s) for s in sigmas], cal_error, holdout_error, stock_errors,
+                               teacher_error, calls, changed, time.perf_counter() - t0, warns)
+    if key is not None:
+        save_cached(cache_dir, key, sigmas, report)
+    return sigmas, report
+
+
+def load_cached(folder, key: str):
+    """(sigmas, report) stored under ``key``, or None (missing or unreadable: the calibration runs again)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(folder) / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            sigmas, meta = f.get_tensor("sigmas"), f.metadata()
+        fields = json.loads(meta["report"])
+    except Exception:  # damaged: left in place, recomputed
+        return None
+    report = CalibrationReport(**{**fields, "cached": True, "model_calls": {}, "seconds": 0.0})
+    return sigmas, report
+
+
+def save_cached(folder, key: str, sigmas: torch.Tensor, report: CalibrationReport) -> None:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..files import atomic_save_safetensors
+
+    atomic_save_safetensors({"sigmas": sigmas}, Path(folder) / f"{key}.safetensors", overwrite=True,
+                            metadata={"format": "fs_calibration/" + VERSION, "report": json.dumps(asdict(report))})

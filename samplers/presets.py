@@ -1,0 +1,38 @@
+"""The pack's KSampler dropdown: every name the pack adds to ComfyUI's sampler list, bound to its
+function and options. ``SAMPLERS`` holds the very objects the dropdown calls."""
+from __future__ import annotations
+
+import functools
+
+from .ddim_gmm import sample_ddim_gmm
+from .er_sde import PRESETS as ER_SDE_PRESETS
+from .er_sde import sample_er_sde
+
+PREFIX = "fs_"
+
+# name -> (function, options)
+PRESET_OPTIONS = {
+    **{PREFIX + name: (sample_er_sde, options) for name, options in ER_SDE_PRESETS.items()},
+    # ComfyUI's own "ddim" entry is plain Euler; this one is DDIM with eta = 0.5 (Gaussian kernel).
+    "fs_ddim_eta": (sample_ddim_gmm, {"eta": 0.5, "components": 1}),
+    # the paper's main setting: eta = 0, 8 orthogonal offsets, clipped variance bound, scale 1
+    "fs_ddim_gmm": (sample_ddim_gmm, {"eta": 0.0, "components": 8, "scale": 1.0, "covariance": "vub"}),
+    # exact moment matching at eta = 1
+    "fs_ddim_gmm_strict": (sample_ddim_gmm, {"eta": 1.0, "components": 8, "scale": 0.9, "scale_units": "relative",
+                                             "covariance": "strict"}),
+}
+
+
+def preset_function(fn, options: dict):
+    """A k-diffusion sampler function with fixed options (what a dropdown entry calls). ``.func`` and
+    ``.options`` say what it is bound to (the calibrator reads them)."""
+
+    @functools.wraps(fn)
+    def preset(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+
+    preset.func, preset.options = fn, dict(options)
+    return preset
+
+
+SAMPLERS = {name: preset_function(fn, options) for name, (fn, options) in PRESET_OPTIONS.items()}
