@@ -6,9 +6,9 @@ from .registry import register_ksampler_presets
 
 
 def _method_modules():
-    from . import dbim, ddim_gmm, dp_schedule, dpm_ot, er_sde, ui
+    from . import calibration, dbim, ddim_gmm, dp_schedule, dpm_ot, er_sde, ui
 
-    return [er_sde, ddim_gmm, dp_schedule, dpm_ot, dbim, ui]
+    return [er_sde, ddim_gmm, calibration, dp_schedule, dpm_ot, dbim, ui]
 
 
 def all_nodes() -> list:
