@@ -23,16 +23,16 @@ PRESET_OPTIONS = {
 }
 
 
-def preset_function(fn, options: dict):
-    """A k-diffusion sampler function with fixed options (what a dropdown entry calls). ``.func`` and
-    ``.options`` say what it is bound to (the calibrator reads them)."""
+def preset_function(fn, options: dict, name: str | None = None):
+    """A k-diffusion sampler function with fixed options (what a dropdown entry calls). ``.func``,
+    ``.options`` and ``.preset_name`` say what it is (the calibrator reads them)."""
 
     @functools.wraps(fn)
     def preset(model, x, sigmas, extra_args=None, callback=None, disable=None):
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
-    preset.func, preset.options = fn, dict(options)
+    preset.func, preset.options, preset.preset_name = fn, dict(options), name or fn.__name__
     return preset
 
 
-SAMPLERS = {name: preset_function(fn, options) for name, (fn, options) in PRESET_OPTIONS.items()}
+SAMPLERS = {name: preset_function(fn, options, name) for name, (fn, options) in PRESET_OPTIONS.items()}

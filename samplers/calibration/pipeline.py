@@ -8,7 +8,6 @@ its own teacher says how well the result generalises, next to stock schedules on
 from __future__ import annotations
 
 import functools
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -98,9 +97,10 @@ def resolve_sampler(sampler):
         raise ValueError(f"Schedule calibrator: unknown sampler {sampler!r}; use one of "
                          f"{sorted(SAMPLERS) + sorted(PACK_FUNCTIONS)} or pass a sampler function.")
     if not callable(sampler):
-        raise ValueError(f"Schedule calibrator: the sampler must be a name or a function, got {type(sampler).__name__}.")
-    if hasattr(sampler, "func") and hasattr(sampler, "options"):  # samplers.presets.preset_function
-        return sampler.func, dict(sampler.options), sampler.__name__
+        raise ValueError(f"Schedule calibrator: the sampler must be a name or a function, got "
+                         f"{type(sampler).__name__}.")
+    if hasattr(sampler, "preset_name"):  # samplers.presets.preset_function
+        return sampler.func, dict(sampler.options), sampler.preset_name
     if isinstance(sampler, functools.partial):
         return sampler.func, dict(sampler.keywords), getattr(sampler.func, "__name__", "sampler")
     return sampler, {}, f"{getattr(sampler, '__module__', '')}.{getattr(sampler, '__qualname__', repr(sampler))}"
