@@ -72,41 +72,56 @@ def probe_local_error(model, latents: torch.Tensor, grid: torch.Tensor, schedule
     eps = eps.to(latents.device, latents.dtype)
     g = torch.as_tensor(grid, dtype=torch.float64)
     nodes = len(g) + 1
-    # the reference grid: node j (grid[j-1]) sits at fine index (j - 1) * substeps
-    fine_log_lam = torch.cat([torch.linspace(float(a), float(b), substeps + 1, dtype=torch.float64)[:-1]
-                              for a, b in zip(schedule.log_lam(g[:-1]), schedule.log_lam(g[1:]))]
-                             + [schedule.log_lam(g[-1:])])
-    fine = schedule.coefficients(schedule.sigma_from_lam(torch.exp(fine_log_lam)))
-    fine.sigma[::substeps] = g  # exact candidates (no round trip through lambda)
-    sigma, alpha, s_, lam = fine.sigma.tolist(), fine.alpha.tolist(), fine.s.tolist(), fine.lam.tolist()
+    fine = schedule.coefficients(_fine_grid(g, schedule, substeps))  # node j (grid[j-1]) at (j - 1) * substeps
+    sigma, alpha, s_ = fine.sigma.tolist(), fine.alpha.tolist(), fine.s.tolist()
     ones = latents.new_ones(latents.shape[0])
     dim = latents[0].numel()
     cost = torch.full((nodes, nodes), math.inf, dtype=torch.float64)
+    clean = latents.to(torch.float64)
 
-    def denoise(y, k):
-        return model(alpha[k] * y, sigma[k] * ones, **(extra_args or {})).to(torch.float64)
+    def denoise(x, k):
+        return model(x.to(latents.dtype), sigma[k] * ones, **(extra_args or {})).to(torch.float64)
 
-    def mean_sq(a, b, k):
-        return float(((a - b) * alpha[k]).flatten(1).pow(2).sum(1).mean()) / dim
+    def step(x, d, k_from, k_to):
+        return ddim_step(x, d, s_[k_from], s_[k_to], alpha[k_from], alpha[k_to])
 
-    for t in range(1, nodes):
+    def mean_sq(a, b):
+        return float((a - b).flatten(1).pow(2).sum(1).mean()) / dim
+
+    for t in range(1, nodes):  # model-space states x = alpha x0 + s eps: finite at flow sigma = 1
         k_t = (t - 1) * substeps
-        y_t = (alpha[k_t] * latents + s_[k_t] * eps).to(torch.float64) / alpha[k_t]
-        d_t = denoise(y_t, k_t)
-        y, d = y_t, d_t
+        x_t = alpha[k_t] * clean + s_[k_t] * eps.to(torch.float64)
+        d_t = denoise(x_t, k_t)
+        x, d = x_t, d_t
         for k in range(k_t, 0, -1):  # reference walk down the fine grid
             if k != k_t:
-                d = denoise(y, k)
-            y = ddim_step(y, d, lam[k], lam[k - 1])
+                d = denoise(x, k)
+            x = step(x, d, k, k - 1)
             if (k - 1) % substeps == 0:
                 j = (k - 1) // substeps  # node j + 1
-                jump = ddim_step(y_t, d_t, lam[k_t], lam[k - 1])
-                cost[t, j + 1] = mean_sq(jump, y, k - 1)
-        d_final = d_t if t == 1 else denoise(y, 0)
-        cost[t, 0] = float((d_t - d_final).flatten(1).pow(2).sum(1).mean()) / dim
+                cost[t, j + 1] = mean_sq(step(x_t, d_t, k_t, k - 1), x)
+        d_final = d_t if t == 1 else denoise(x, 0)
+        cost[t, 0] = mean_sq(d_t, d_final)
         if callback is not None:
             callback(t - 1, len(g))
     return cost
+
+
+def _fine_grid(grid: torch.Tensor, schedule: NoiseSchedule, substeps: int) -> torch.Tensor:
+    """Ascending candidates with ``substeps`` sub-steps between neighbours, uniform in log lambda (in sigma on a
+    segment that ends at flow sigma = 1, where lambda is infinite); the candidates themselves exactly."""
+    parts = []
+    for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        ends = torch.tensor([a, b], dtype=torch.float64)
+        log_lam = schedule.log_lam(ends)
+        if torch.isfinite(log_lam).all():
+            seg = schedule.sigma_from_lam(torch.exp(torch.linspace(float(log_lam[0]), float(log_lam[1]), substeps + 1,
+                                                                   dtype=torch.float64)))
+        else:
+            seg = torch.linspace(a, b, substeps + 1, dtype=torch.float64)
+        seg[0], seg[-1] = a, b
+        parts.append(seg[:-1])
+    return torch.cat(parts + [grid[-1:]])
 
 
 def cost_matrix(grid: torch.Tensor, m: torch.Tensor, dim: int, schedule: NoiseSchedule, variance: str = "small",

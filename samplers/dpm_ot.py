@@ -141,12 +141,12 @@ def invert_to_junction(model, clean: torch.Tensor, sigma_junction: float, steps:
         raise ValueError(f"DPM-OT invert: sigma_min {sigma_min:.4g} must lie in (0, junction {sigma_junction:.4g}).")
     sigmas = log_lam_uniform_sigmas(int(steps), sigma_min, sigma_junction, schedule).flip(0)
     tab = schedule.coefficients(sigmas)
-    alpha, lam = tab.alpha.tolist(), tab.lam.tolist()
+    alpha, s = tab.alpha.tolist(), tab.s.tolist()
     s_in = clean.new_ones([clean.shape[0]])
     x = alpha[0] * clean
     for i in range(int(steps)):
         denoised = model(x, sigmas[i].to(clean) * s_in, **extra_args)
-        x = alpha[i + 1] * ddim_step(x / alpha[i], denoised, lam[i], lam[i + 1])
+        x = ddim_step(x, denoised, s[i], s[i + 1], alpha[i], alpha[i + 1])
         if callback is not None:
             callback(i, denoised, x, int(steps))
     return x

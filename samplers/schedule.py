@@ -149,10 +149,12 @@ def noise_scale_of(model) -> float:
     return float(getattr(model_sampling, "noise_scale", 1.0)) if model_sampling is not None else 1.0
 
 
-def ddim_step(y: torch.Tensor, denoised: torch.Tensor, lam_from, lam_to) -> torch.Tensor:
-    """Deterministic DDIM step (exponential Euler; exact for a constant denoiser) of the VE-scaled state
-    y = x / alpha from noise level lam_from to lam_to, in either direction."""
-    return denoised + (lam_to / lam_from) * (y - denoised)
+def ddim_step(x: torch.Tensor, denoised: torch.Tensor, s_from, s_to, alpha_from, alpha_to) -> torch.Tensor:
+    """Deterministic DDIM step (exponential Euler; exact for a constant denoiser) of the state
+    x = alpha x0 + s eps from (alpha_from, s_from) to (alpha_to, s_to), in either direction:
+    x_to = alpha_to D + (s_to / s_from) (x - alpha_from D). Finite at flow sigma = 1 (alpha = 0)."""
+    ratio = s_to / s_from
+    return ratio * x + (alpha_to - ratio * alpha_from) * denoised
 
 
 # ---- reference step schedules (the CLI, tests and benchmarks compare against these) -------

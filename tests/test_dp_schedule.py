@@ -177,3 +177,20 @@ def test_local_error_objective_through_optimize_schedule(toy):
     assert torch.equal(again, sigmas)
     with pytest.raises(ValueError, match="unknown objective"):
         optimize_schedule(model, data, 5, small, objective="fid")
+
+
+def test_local_error_with_flow_sigma_one_as_a_candidate():
+    """The node's flow grid always holds sigma = 1 (lambda infinite): costs stay finite (the segment to it is
+    sub-stepped in sigma, states stay in model space) and the DP gives a strictly decreasing schedule."""
+    from comfyui_fast_samplers.samplers.dp_schedule import probe_local_error
+    from comfyui_fast_samplers.samplers.testbed import default_mixture
+
+    mix = default_mixture()
+    model = ExactModel(mix, "flow")
+    x0, _ = mix.sample(16, torch.Generator().manual_seed(1))
+    grid = torch.cat([torch.linspace(0.02, 0.95, 9, dtype=torch.float64), torch.ones(1, dtype=torch.float64)])
+    cost = probe_local_error(model, x0, grid, model.schedule, seed=0, substeps=4)
+    lower = torch.tril(torch.ones(11, 11, dtype=torch.bool), diagonal=-1)
+    assert bool(torch.isfinite(cost[lower]).all())
+    sigmas, _ = optimize_schedule(None, x0, 5, grid, "flow", objective="local_error", errors=cost)
+    assert float(sigmas[0]) == 1.0 and bool((sigmas[1:] < sigmas[:-1]).all()) and float(sigmas[-1]) == 0
