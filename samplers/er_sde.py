@@ -227,18 +227,15 @@ def check_options(order=3, derivatives="corrected", quadrature="exact", flow_sta
     return fn
 
 
-def _derivative_weights(lams: list[float], order: int, derivatives: str):
-    """Weights on (D_i, D_{i-1}, D_{i-2}) of D' and D'' at lam_i. 'corrected': the derivatives of the
-    interpolating polynomial (a true 3rd order); 'paper': D' = the slope between the two newest nodes
-    (the midpoint slope of the published update)."""
-    d = np.zeros((2, 3))
-    if order < 2:
-        return d[0], d[1]
-    d[:, :order] = derivative_weights(lams[:order], lams[0], 2)
+def _derivative_weights(lams: list[float], order: int, derivatives: str) -> np.ndarray:
+    """[order - 1, order] weights on (D_i, D_{i-1}, ...) of D', D'', ... at lam_i. 'corrected': the
+    derivatives of the interpolating polynomial (a true order-p step); 'paper': D' = the slope between the
+    two newest nodes (the midpoint slope of the published update)."""
+    d = derivative_weights(lams[:order], lams[0], order - 1) if order >= 2 else np.zeros((0, max(order, 1)))
     if derivatives == "paper" and order >= 3:
         d[0] = 0.0
         d[0, :2] = derivative_weights(lams[:2], lams[0], 1)[0]
-    return d[0], d[1]
+    return d
 
 
 def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor: tuple,
@@ -296,15 +293,15 @@ def plan_er_sde(
         history.insert(0, lam[i])
         usable = 0
         for h in history:
-            if not math.isfinite(h) or usable >= 3:
+            if not math.isfinite(h) or usable >= order:
                 break
             usable += 1
         step_order = min(order, max(usable, 1))
-        d1, d2 = _derivative_weights(history, step_order, derivatives)
+        deriv = _derivative_weights(history, step_order, derivatives)  # rows: D', D'', ...
         if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
-            W = np.array([1.0, 0.0, 0.0])
-            if final_step == "extrapolate" and step_order >= 2:
-                W = W - lam[i] * d1 + lam[i] ** 2 / 2 * d2
+            W = np.eye(step_order)[0]
+            if final_step == "extrapolate":
+                W = W + sum((-lam[i]) ** (k + 1) / math.factorial(k + 1) * row for k, row in enumerate(deriv))
             plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=tuple(W), order=step_order))
             pending = None
             continue
@@ -317,10 +314,10 @@ def plan_er_sde(
             log_q = 0.0
         q = math.exp(log_q)
         A = s[i + 1] / s[i] * q
-        W = np.array([alpha[i + 1] - A * alpha[i], 0.0, 0.0])
+        W = np.eye(step_order)[0] * (alpha[i + 1] - A * alpha[i])
         if step_order >= 2:
-            c2, c3 = taylor_coefficients(noise_fn, lam[i + 1], lam[i], quadrature)
-            W = W + alpha[i + 1] * c2 * d1 + (alpha[i + 1] * c3 * d2 if step_order >= 3 else 0.0)
+            c = taylor_coefficients(noise_fn, lam[i + 1], lam[i], quadrature, step_order - 1)
+            W = W + alpha[i + 1] * sum(ck * row for ck, row in zip(c, deriv))
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
         if stochastic:
             log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
@@ -329,8 +326,8 @@ def plan_er_sde(
         plan.rows.append(merge_correction(row, pending))
         pending = None
         if corrector and math.isfinite(lam[i]):
-            pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], history[:step_order],
-                                      (d1, d2) if step_order >= 2 else (), noise_fn, quadrature)
+            pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], history[:step_order], deriv, noise_fn,
+                                      quadrature)
     if plan.clamped_steps:
         warnings.warn(
             f"ER-SDE: the noise function {noise_fn.name} has kappa < 1 on {plan.clamped_steps} step(s) of this "

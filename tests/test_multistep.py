@@ -123,7 +123,7 @@ def test_corrector_weights_integrate_the_corrector_polynomial(lams):
 
     lam_t, nodes = lams[0], lams[1:]  # nodes: lam_s, lam_s1, ... (newest first)
     values = np.random.default_rng(len(lams)).normal(size=len(lams))  # D_t, D_s, D_s1, ...
-    predictor = _derivative_weights(nodes, len(nodes), "corrected") if len(nodes) >= 2 else ()
+    predictor = _derivative_weights(nodes, len(nodes), "corrected")
     change = _ode_correction(lam_t, nodes[0], 1.0, list(nodes), predictor, make_noise_function("ode"), "exact")
     p_corr = np.polynomial.Polynomial.fit(lams, values, len(lams) - 1)
     p_pred = np.polynomial.Polynomial.fit(nodes, values[1:], len(nodes) - 1)
