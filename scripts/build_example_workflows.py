@@ -195,10 +195,50 @@ def dbim_normal_to_photo() -> dict:
     }
 
 
+def calibrated_sd15() -> dict:
+    """Schedule Calibrator for SD1.5 + the pack's corrected ODE preset, 8 steps, feeding SamplerCustom."""
+    g = _base()
+    g.update({
+        "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "fs_er_sde_ode_3_unic"}},
+        "6": {"class_type": "FS_ScheduleCalibrator", "inputs": {
+            "model": ["1", 0], "sampler": ["5", 0], "latent": ["4", 0], "steps": 8, "noises": 16,
+            "calibration_seed": 0, "teacher_accuracy": "standard", "candidates": 40, "positive": ["2", 0],
+            "negative": ["3", 0], "cfg": 7.0, "use_cache": True}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["6", 1], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_calibrated_sd15"))
+    return g
+
+
+def calibrated_flow() -> dict:
+    """Schedule Calibrator for a flow model (SD3.5 medium, shift 3) with ComfyUI's own uni_pc, 8 steps."""
+    g = _base()
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {
+        "ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}}
+    g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}
+    g.update({
+        "7": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+        "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "uni_pc"}},
+        "6": {"class_type": "FS_ScheduleCalibrator", "inputs": {
+            "model": ["7", 0], "sampler": ["5", 0], "latent": ["4", 0], "steps": 8, "noises": 8,
+            "calibration_seed": 0, "teacher_accuracy": "standard", "candidates": 40, "positive": ["2", 0],
+            "negative": ["3", 0], "cfg": 4.5, "use_cache": True}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["7", 0], "add_noise": True, "noise_seed": 42, "cfg": 4.5, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["6", 1], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+    })
+    g.update(_decode_save(["8", 0], "fs_calibrated_flow"))
+    return g
+
+
 EXAMPLES = {
     "fs_er_sde_sampler_custom": er_sde_sampler_custom,
     "fs_er_sde_ksampler_preset": er_sde_ksampler_preset,
     "fs_ddim_gmm_sampler_custom": ddim_gmm_sampler_custom,
+    "fs_calibrated_sd15": calibrated_sd15,
+    "fs_calibrated_flow": calibrated_flow,
     "fs_elbo_schedule": elbo_schedule,
     "fs_dpm_ot_pool_fit_sample": dpm_ot_pool_fit_sample,
     "fs_dbim_edges_to_handbag": dbim_edges_to_handbag,
@@ -250,7 +290,9 @@ def to_ui(prompt: dict, node_classes: dict) -> dict:
             elif _is_widget(type_spec):
                 widgets.append(value if value is not None else options.get("default"))
                 tall += 100 if options.get("multiline") else 0
-                if options.get("control_after_generate"):
+                # the front end adds a "control after generate" widget where the input asks for one, and to
+                # every INT named seed / noise_seed that does not say otherwise
+                if options.get("control_after_generate", name in ("seed", "noise_seed")):
                     widgets.append("fixed")
         col = level(nid)
         height = 80 + 26 * (len(widgets) + len(inputs_ui)) + tall

@@ -68,8 +68,10 @@ def weight_free(prompt: dict, bridge_model: str) -> dict:
             out[nid] = json.loads(json.dumps(node))
             if cls.startswith("FS_Bridge"):
                 out[nid]["inputs"].pop("mask", None)
-        if cls == "EmptyLatentImage":
-            out[nid]["inputs"].update(width=64, height=64)
+        if cls in ("EmptyLatentImage", "EmptySD3LatentImage"):  # the weight-free UNet takes 4 channels
+            out[nid] = {"class_type": "EmptyLatentImage", "inputs": dict(out[nid]["inputs"], width=64, height=64)}
+        if cls == "FS_ScheduleCalibrator":
+            out[nid]["inputs"].update(noises=4, candidates=12, teacher_accuracy="fast", use_cache=False)
         for key in ("steps",):
             if key in out[nid]["inputs"] and isinstance(out[nid]["inputs"][key], int):
                 out[nid]["inputs"][key] = min(out[nid]["inputs"][key], 6)
