@@ -156,7 +156,6 @@ class ScheduleCalibrator(io.ComfyNode):
         noise = torch.randn((noises, *shape), generator=torch.Generator().manual_seed(int(calibration_seed)),
                             dtype=torch.float32)
         stock = stock_schedules(ms, steps, flow)
-        variants = [{"final_step": "extrapolate"}] if "final_step" in _sampler_parameters(base_fn) else []
         key = cache_key(*model_fingerprint(model), *conditioning_tensors(positive), *conditioning_tensors(negative),
                         cfg, shape, str(samples.dtype)) if use_cache else None
         cache_dir = folder_paths.get_user_directory() + "/fs_calibration_cache" if use_cache else None
@@ -167,7 +166,7 @@ class ScheduleCalibrator(io.ComfyNode):
             result["out"] = calibrate_schedule(
                 k_model, noise.to(x.device, x.dtype), steps, fn, extra_args=extra, candidates=candidates,
                 teacher_substeps=TEACHER_ACCURACY[teacher_accuracy], seed=int(calibration_seed), stock=stock,
-                variants=variants, max_rows=noises, progress=progress, cache_dir=cache_dir, model_key=key, who=WHO)
+                max_rows=noises, progress=progress, cache_dir=cache_dir, model_key=key, who=WHO)
             return x
 
         zeros = torch.zeros((noises, *shape), dtype=samples.dtype)
@@ -184,15 +183,6 @@ class ScheduleCalibrator(io.ComfyNode):
         text = report.to_text()
         show_text(text.splitlines()[2] if len(text.splitlines()) > 2 else text, node_id)
         return io.NodeOutput(sigmas, chosen, text, ui=sigmas_ui(sigmas))
-
-
-def _sampler_parameters(fn) -> set:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 NODES = [ScheduleCalibrator]

@@ -124,6 +124,17 @@ def planner_for(fn, options: dict, model):
     return lambda sig: plan_dpmpp_2m(sig, NoiseSchedule("ve"))
 
 
+def default_variants(fn, options: dict, flow: bool) -> list[dict]:
+    """Options of the pack's ER ODE samplers the calibration also tries: the Taylor-extrapolated final step,
+    and on flow models the sigma form of the ODE (parametrization 've'). None for other samplers."""
+    if fn is not sample_er_sde or options.get("noise_fn", "sde_5") != "ode":
+        return []
+    variants = [{"final_step": "extrapolate"}]
+    if flow and options.get("parametrization") is None:
+        variants += [{"parametrization": "ve"}, {"parametrization": "ve", "final_step": "extrapolate"}]
+    return variants
+
+
 def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=None) -> SigmaRange:
     """From ComfyUI's model_sampling (sigma_min / sigma_max, and its table when the model is discrete: its
     timestep() rounds to a table index), from the model's own attributes, or from the options."""
@@ -211,8 +222,8 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     function. The sigma range comes from the model's ``model_sampling`` or from ``sigma_min`` /
     ``sigma_max``. ``holdout``: a number of fresh noises (drawn with ``seed``) or a noise tensor, 0 for none
     (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
-    uniform). ``variants``: option dicts for a pack sampler to try (e.g. {'final_step': 'extrapolate'}); the
-    best goes into the report's ``sampler_options``. ``progress(stage, done, total)`` may raise to stop
+    uniform). ``variants``: option dicts for a pack sampler to try (default ``default_variants``: the final
+    step and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``. ``progress(stage, done, total)`` may raise to stop
     (nothing is written then). ``cache_dir`` + ``model_key`` (a string naming the model, conditioning and cfg):
     results are stored there, and the same call again returns them without a model call."""
     t0 = time.perf_counter()
@@ -287,7 +298,9 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
 
     # starting points for the refinement: the DP path and every stock schedule, with every option variant
     stage("refine")
-    variants = [{}] + [dict(v) for v in (variants or [])]
+    if variants is None:
+        variants = default_variants(fn, options, rng.schedule.is_flow)
+    variants = [{}] + [dict(v) for v in variants]
     starts = {"dp": emit(rng, rng.z(torch.tensor(path[1:], dtype=torch.float64)).tolist())}
     starts.update({name: s for name, s in stock.items() if len(s) == steps + 1})
     scored = []
