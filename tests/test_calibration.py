@@ -58,8 +58,14 @@ def test_flow_start_and_gain():
 
 
 def test_black_box_sampler_is_refined_and_its_inputs_are_never_mutated():
-    """A test-local Euler that, like ComfyUI's uni_pc, writes into the sigmas it is given."""
+    """A test-local Euler that, like ComfyUI's uni_pc, writes into the sigmas it is given: every call must get
+    tensors of its own."""
+    seen = []
+
     def mutating_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        # the tensors stay referenced, so their memory is not reused: equal pointers mean a shared tensor
+        assert not any(t.data_ptr() in (sigmas.data_ptr(), x.data_ptr()) for t in seen), "a tensor was handed out twice"
+        seen.extend([sigmas, x])
         sig = sigmas[:]
         sig[-1] = 0.0  # in place, on the caller's tensor
         for i in range(len(sig) - 1):
@@ -67,7 +73,7 @@ def test_black_box_sampler_is_refined_and_its_inputs_are_never_mutated():
             x = x + (sig[i + 1] - sig[i]) * (x - d) / sig[i]
         return x
 
-    noise = _noise(32)
+    noise = _noise(32).float()  # float32 like ComfyUI latents (float64 runs get float64 copies of the sigmas)
     before = noise.clone()
     sigmas, report = calibrate_schedule(ExactModel(default_mixture(), "ve"), noise, 4, mutating_euler, **VE, **FAST)
     assert torch.equal(noise, before)

@@ -282,7 +282,8 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
 
     def run(fn_options, x, sigmas, seed=None):
         args = dict(extra_args) if seed is None else dict(extra_args, seed=seed)
-        return fn(counter, x.clone(), sigmas.clone(), extra_args=args, disable=True, **fn_options)
+        sigmas = sigmas.to(torch.promote_types(sigmas.dtype, x.dtype), copy=True)  # samplers may write into it
+        return fn(counter, x.clone(), sigmas, extra_args=args, disable=True, **fn_options)
 
     stock = _stock_sigmas(rng, steps) if stock is None else dict(stock)
     init = next(iter(stock.values()))
