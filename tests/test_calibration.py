@@ -129,6 +129,12 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="sigma range"):
         calibrate_schedule(model, _noise(8), 4, "dpmpp_2m")
 
+    def failing_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        raise RuntimeError("linalg.solve: singular")
+
+    with pytest.raises(ValueError, match="sampler failed.*singular"):
+        calibrate_schedule(model, _noise(8), 4, failing_sampler, **VE, **FAST)
+
     def nan_model(x, sigma, **kwargs):
         return torch.full_like(x, float("nan"))
 

@@ -8,6 +8,7 @@ its own teacher says how well the result generalises, next to stock schedules on
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ VERSION = "1"
 PACK_FUNCTIONS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
 TEACHER = functools.partial(sample_er_sde, order=3, noise_fn="ode", corrector=True)
 TEACHER_ORDER = 4
+# what a sampler raises on a schedule it cannot take (ComfyUI's uni_pc: a singular step matrix); an
+# interruption (ComfyUI's InterruptProcessingException) is none of these and stops the calibration
+SAMPLER_FAILURES = (RuntimeError, ValueError, ArithmeticError, IndexError)
 
 
 @dataclass
@@ -170,7 +174,11 @@ def start_state(model, noise: torch.Tensor, rng: SigmaRange) -> torch.Tensor:
 
 
 def check_deterministic(run, x: torch.Tensor, sigmas: torch.Tensor, who: str) -> None:
-    a, b = run(x[:2], sigmas, seed=0), run(x[:2], sigmas, seed=1)
+    try:
+        a, b = run(x[:2], sigmas, seed=0), run(x[:2], sigmas, seed=1)
+    except SAMPLER_FAILURES as err:
+        raise ValueError(f"{who}: the sampler failed on the schedule {[round(float(s), 4) for s in sigmas]}: "
+                         f"{type(err).__name__}: {err}") from err
     if not torch.equal(a, b):
         raise ValueError(f"{who}: the sampler is stochastic (two seeds gave different results); calibrate its "
                          "deterministic (ODE) form: the teacher is the model's ODE.")
@@ -304,16 +312,26 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     variants = [{}] + [dict(v) for v in variants]
     starts = {"dp": emit(rng, rng.z(torch.tensor(path[1:], dtype=torch.float64)).tolist())}
     starts.update({name: s for name, s in stock.items() if len(s) == steps + 1})
-    scored = []
-    for v in variants:
-        for name, sigmas in starts.items():
-            scored.append((mean_error(run({**options, **v}, x_cal, sigmas), final), name, tuple(v.items()), sigmas))
-    stock_cal = {name: mean_error(run(options, x_cal, s), final) for name, s in stock.items()}
-    _, _, variant, init_sigmas = min(scored, key=lambda t: t[0])
+    failures = []
+
+    def score(fn_options, x, sigmas, target) -> float:
+        """Error of one run; a schedule the sampler cannot run (e.g. a singular step matrix) scores inf."""
+        try:
+            return mean_error(run(fn_options, x, sigmas), target)
+        except SAMPLER_FAILURES as err:
+            failures.append(f"{type(err).__name__}: {err}")
+            return math.inf
+
+    stock_cal = {name: score(options, x_cal, s, final) for name, s in stock.items()}
+    scored = [(stock_cal[name] if not v and name in stock_cal else score({**options, **v}, x_cal, sigmas, final),
+               name, tuple(v.items()), sigmas) for v in variants for name, sigmas in starts.items()]
+    best_start, _, variant, init_sigmas = min(scored, key=lambda t: t[0])
+    if not math.isfinite(best_start):
+        raise ValueError(f"{who}: the sampler failed or gave NaN on every schedule tried ({failures[:1]}).")
     chosen = {**options, **dict(variant)}
     z0 = rng.z(init_sigmas[1:-1].to(torch.float64)).tolist()
     budget = refine_trials if refine_trials is not None else 2 * candidates
-    z_best, cal_error, _ = refine(lambda z: mean_error(run(chosen, x_cal, emit(rng, z)), final), z0, rng, min_gap,
+    z_best, cal_error, _ = refine(lambda z: score(chosen, x_cal, emit(rng, z), final), z0, rng, min_gap,
                                   budget, progress=lambda d, t: report_progress("refine", d, t))
     sigmas = emit(rng, z_best)
     check_sigmas(sigmas, steps, who)
@@ -327,11 +345,11 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
         x_hold = holdout if isinstance(holdout, torch.Tensor) else torch.randn(
             (holdout, *noise.shape[1:]), generator=torch.Generator().manual_seed(int(seed) + 1),
             dtype=noise.dtype).to(noise.device)
-        _, final_hold = teacher(start_state(model, x_hold, rng))
-        holdout_error = mean_error(run(chosen, start_state(model, x_hold, rng), sigmas), final_hold)
+        x_hold = start_state(model, x_hold, rng)
+        _, final_hold = teacher(x_hold)
+        holdout_error = score(chosen, x_hold, sigmas, final_hold)
         for name, s in stock.items():
-            stock_errors[name] = (stock_cal[name], mean_error(run(options, start_state(model, x_hold, rng), s),
-                                                              final_hold))
+            stock_errors[name] = (stock_cal[name], score(options, x_hold, s, final_hold))
         end("hold-out")
         if holdout_error > 1.5 * cal_error:
             warns.append(f"the hold-out error is {holdout_error / cal_error:.1f}x the calibration error: more "
