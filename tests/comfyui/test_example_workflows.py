@@ -71,7 +71,7 @@ def weight_free(prompt: dict, bridge_model: str) -> dict:
         if cls in ("EmptyLatentImage", "EmptySD3LatentImage"):  # the weight-free UNet takes 4 channels
             out[nid] = {"class_type": "EmptyLatentImage", "inputs": dict(out[nid]["inputs"], width=64, height=64)}
         if cls == "FS_ScheduleCalibrator":
-            out[nid]["inputs"].update(noises=4, candidates=12, teacher_accuracy="fast", use_cache=False)
+            out[nid]["inputs"].update(noises=2, candidates=8, steps=3, teacher_accuracy="fast", use_cache=False)
         for key in ("steps",):
             if key in out[nid]["inputs"] and isinstance(out[nid]["inputs"][key], int):
                 out[nid]["inputs"][key] = min(out[nid]["inputs"][key], 6)
