@@ -169,3 +169,16 @@ def test_dp_steps_are_the_real_sampler_steps(sampler, kind):
     assert len(path) == 6 and (sigmas[1:] < sigmas[:-1]).all()
     real = fn(model, x.clone(), sigmas, disable=True, **options)
     assert cost == pytest.approx(mean_error(real, final), rel=1e-9)
+
+
+def test_refinement_never_reaches_the_start():
+    """Feasible interior sigmas stay min_gap below the start (a 20-step VE refinement once put sigma_1 =
+    sigma_0)."""
+    from comfyui_fast_samplers.samplers.calibration.pipeline import model_sigma_range
+    from comfyui_fast_samplers.samplers.calibration.search import feasible
+
+    rng = model_sigma_range(ExactModel(default_mixture(), "ve"), **VE)
+    z_start = float(rng.z(rng.sigma_max))
+    assert not feasible([z_start, z_start - 1.0], rng, 0.05)
+    assert not feasible([z_start - 0.01, z_start - 1.0], rng, 0.05)
+    assert feasible([z_start - 0.05, z_start - 1.0], rng, 0.05)

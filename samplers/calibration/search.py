@@ -173,8 +173,9 @@ def _evaluate(model, xs, sigmas, extra_args, max_rows):
 
 
 def feasible(z: list[float], rng: SigmaRange, min_gap: float) -> bool:
-    """z of sigma_1..sigma_{K-1}: strictly decreasing by min_gap, within (z(top), z(sigma_min))."""
-    z_top, z_min = float(rng.z(rng.top)), float(rng.z(rng.sigma_min))
+    """z of sigma_1..sigma_{K-1}: strictly decreasing by min_gap from the start on, within [z(sigma_min), z(top)]."""
+    z_top = min(float(rng.z(rng.top)), float(rng.z(rng.sigma_max)) - min_gap)  # VE: top = the start
+    z_min = float(rng.z(rng.sigma_min))
     if z[0] > z_top + 1e-12 or z[-1] < z_min - 1e-12:
         return False
     return all(a - b >= min_gap for a, b in zip(z[:-1], z[1:]))
