@@ -3,7 +3,6 @@ with every sampler of the pack and the classic ones, prints error vs NFE, writes
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -14,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .samplers import (
-    fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m, sample_er_sde,
+    calibrate_schedule, fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m, sample_er_sde,
     sample_euler, sample_heun,
 )
-from .samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
+from .samplers.schedule import flow_shift_sigmas, karras_sigmas
 from .samplers.testbed import (
     ExactModel, default_mixture, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
 )
@@ -31,6 +30,7 @@ class Entry:
     deterministic: bool = False
     evals_per_step: int = 1  # Heun: 2 (its last step 1)
     junction: dict | None = None  # DPM-OT: {kind: sigma_j}; starts from a map of a data pool, steps below sigma_j
+    calibrated: str | None = None  # a dropdown name: its schedule comes from calibrate_schedule
 
     def steps_for(self, nfe: int) -> int:
         return nfe if self.evals_per_step == 1 else (nfe + 1) // 2
@@ -42,6 +42,10 @@ SAMPLERS = [
     Entry("heun", sample_heun, deterministic=True, evals_per_step=2),
     Entry("dpmpp_2m", sample_dpmpp_2m, deterministic=True),
     Entry("fs_er_sde_ode_3", sample_er_sde, {"order": 3, "noise_fn": "ode"}, deterministic=True),
+    Entry("fs_er_sde_ode_3_unic", sample_er_sde, {"order": 3, "noise_fn": "ode", "corrector": True},
+          deterministic=True),
+    Entry("fs_er_sde_ode_3_unic, calibrated schedule", sample_er_sde, {"order": 3, "noise_fn": "ode", "corrector": True},
+          deterministic=True, calibrated="fs_er_sde_ode_3_unic"),
     Entry("er_sde_ode_3 (paper)", sample_er_sde, {"order": 3, "noise_fn": "ode", "derivatives": "paper"},
           deterministic=True),
     Entry("fs_er_sde_3 (sde_5)", sample_er_sde, {"order": 3, "noise_fn": "sde_5"}),
@@ -57,6 +61,7 @@ SAMPLERS = [
     Entry("fs dpm_ot (pool 500, euler)", sample_dpm_ot, {"finisher": "euler"}, junction={"ve": 1.0, "flow": 0.5}),
 ]
 DPM_OT_POOL = 500
+CALIBRATE_UP_TO = 20  # NFE; the calibrated row is left out above (its search grows with the step count)
 
 VE_RANGE = (0.029, 14.6)  # SD1.5's sigma range
 FLOW_SHIFT, FLOW_T_MIN = 3.0, 0.02
@@ -91,14 +96,27 @@ def run_comparison(nfes=(5, 10, 20, 50), samples=20_000, ode_samples=2_000, seed
             if entry.junction is not None:
                 start_x, options = _dpm_ot_start(entry, kind, model, mixture, samples, seed)
             for nfe in nfes:
+                if entry.calibrated and nfe > CALIBRATE_UP_TO:
+                    row[nfe] = (None, None, None)
+                    continue
                 steps = entry.steps_for(nfe)
                 sigmas = _schedule(kind, steps) if entry.junction is None else junction_schedule(
                     lambda total: _schedule(kind, total), steps, entry.junction[kind])
-                out = entry.fn(model, start_x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **options)
+                run_options = options
+                if entry.calibrated:
+                    sigmas, report = _calibrated(entry.calibrated, kind, model, steps, start, sigma_min, seed)
+                    run_options = {**options, **report.sampler_options}
+                out = entry.fn(model, start_x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **run_options)
                 ode_err = float((out[:ode_samples] - ode_ref).norm(dim=1).mean()) if entry.deterministic else None
                 row[nfe] = (ode_err, sliced_w2(out, data), mode_weight_error(out, mixture))
             results[kind][entry.label] = row
     return results, floors
+
+
+def _calibrated(name, kind, model, steps, start, sigma_min, seed):
+    """A schedule fitted to this model and sampler on 256 calibration noises of their own (no data)."""
+    noise = torch.randn(256, model.mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 7))
+    return calibrate_schedule(model, noise, steps, name, sigma_min=sigma_min, sigma_max=start, holdout=0)
 
 
 def _dpm_ot_start(entry: Entry, kind: str, model: ExactModel, mixture, samples: int, seed: int):
@@ -126,7 +144,7 @@ def format_tables(results, floors, nfes) -> str:
                 cells = [row[n][idx] for n in nfes]
                 if all(c is None for c in cells):
                     continue
-                lines.append(label.ljust(width) + "".join(f"{c:<10.4f}" for c in cells))
+                lines.append(label.ljust(width) + "".join("-".ljust(10) if c is None else f"{c:<10.4f}" for c in cells))
     return "\n".join(lines)
 
 
@@ -137,6 +155,10 @@ def unique_path(path: Path) -> Path:
         candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
         k += 1
     return candidate
+
+
+def entry_is_calibrated(label: str) -> bool:
+    return any(e.label == label and e.calibrated for e in SAMPLERS)
 
 
 def write_plot(results, nfes, path: Path) -> Path | None:
@@ -154,10 +176,10 @@ def write_plot(results, nfes, path: Path) -> Path | None:
         for row_idx, (idx, ylabel) in enumerate(((0, "distance to exact ODE solution"), (1, "sliced W2 to data"))):
             ax = axes[row_idx][col]
             for k, (label, row) in enumerate(results[kind].items()):
-                values = [row[n][idx] for n in nfes]
-                if any(v is None for v in values):
+                points = [(n, row[n][idx]) for n in nfes if row[n][idx] is not None]
+                if len(points) < len(nfes) and (len(points) < 2 or not entry_is_calibrated(label)):
                     continue
-                ax.loglog(nfes, values, marker="os^vD<>ph*X"[k % 11], color=plt.cm.tab20(k % 20), label=label)
+                ax.loglog(*zip(*points), marker="os^vD<>ph*X"[k % 11], color=plt.cm.tab20(k % 20), label=label)
             ax.set_xlabel("NFE")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{kind} model: {ylabel}")
