@@ -129,3 +129,20 @@ def test_corrector_weights_integrate_the_corrector_polynomial(lams):
     p_pred = np.polynomial.Polynomial.fit(nodes, values[1:], len(nodes) - 1)
     expected = lam_t * quad(lambda lam: (p_corr(lam) - p_pred(lam)) / lam**2, lam_t, nodes[0], epsabs=0, epsrel=1e-13)[0]
     assert float(np.dot(change, values)) == pytest.approx(expected, rel=1e-9, abs=1e-13)
+
+
+def test_flow_first_step_keeps_the_mode_assignment_of_the_exact_ode():
+    """From flow sigma = 1 (lambda infinite, the first step exact, the next without the infinite node) the
+    corrected ODE puts every one of 500 samples in the mode the exact ODE does (measured: 0 flips at 50
+    steps, 1 at 20), and on average close to it."""
+    from comfyui_fast_samplers.samplers.schedule import flow_shift_sigmas
+
+    mix = default_mixture()
+    model = ExactModel(mix, "flow")
+    noise = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    end = solve_pf_ode(model, noise, 1.0 - 1e-9, 1e-4, rtol=1e-10)
+    truth = model(end, torch.full((500,), 1e-4, dtype=torch.float64))
+    out = sample_er_sde(model, noise.clone(), flow_shift_sigmas(50, 3.0), noise_fn="ode", corrector=True,
+                        disable=True)
+    assert int((mix.classify(out) != mix.classify(truth)).sum()) == 0
+    assert float((out - truth).norm(dim=1).mean()) < 0.01  # measured 0.0062 (the last step, 0.06 -> 0, dominates)
