@@ -2,6 +2,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors (exact models): extra torch threads only contend on the shared 2-core machines
+    (10-100x slower when the box is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)

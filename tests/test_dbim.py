@@ -29,13 +29,7 @@ def _t(*values):
     return torch.tensor(values, dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The exact model does many tiny ops: threads only contend on the shared 2-core machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

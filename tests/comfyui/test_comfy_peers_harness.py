@@ -16,13 +16,7 @@ cp = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # datacla
 _spec.loader.exec_module(cp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra torch threads only contend (10-100x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(kind, n=8):
