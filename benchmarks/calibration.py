@@ -257,19 +257,24 @@ def write_plot(results, path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3.4), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    cols = min(3, len(results))
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results):
         nfes = list(res["best"])
         ax.loglog(nfes, [res["best"][n].error for n in nfes], "k-o", label="best ComfyUI pairing")
         for name, style in ((DEFAULT, "r-s"), ("gradient_estimation", "b--^"), ("ipndm", "g--v")):
             pts = [(r["nfe"], r["error"]) for r in res["calibrated"] if r["sampler"] == name]
             if pts:
                 ax.loglog(*zip(*pts), style, label=f"calibrated {name}")
-        ax.set_title(res["name"], fontsize=9)
+        ax.set_title(f"{res['name']} (error vs the model's own exact / fine solve)", fontsize=8)
         ax.set_xlabel("NFE")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("error vs reference")
-    axes[0][0].legend(fontsize=6)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean L2 error")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
