@@ -55,7 +55,9 @@ class ERSDESolverSampler(io.ComfyNode):
                                        "exact first step; comfy_offset: start just below 1 like ComfyUI's er_sde."),
                 io.Combo.Input("final_step", options=list(FINAL_STEPS), default="denoise",
                                tooltip="denoise: the last step returns the model's clean prediction (standard). "
-                                       "extrapolate: also applies the higher-order correction (experimental)."),
+                                       "extrapolate: extrapolates it to noise level 0 (helps when the schedule ends "
+                                       "high). corrected (with the corrector): adds the corrector's last change. "
+                                       "The Schedule Calibrator picks the best for its schedule."),
                 io.Boolean.Input("corrector", default=False, optional=True,
                                  tooltip="Deterministic (ode / eta 0) only: re-use each model evaluation to correct "
                                          "the step that led to it. One order more accurate at the same number of model "

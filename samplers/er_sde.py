@@ -207,7 +207,7 @@ ORDERS = (1, 2, 3)
 DERIVATIVES = ("corrected", "paper")
 QUADRATURES = ("exact", "comfy_riemann")
 FLOW_STARTS = ("exact", "comfy_offset")
-FINAL_STEPS = ("denoise", "extrapolate")
+FINAL_STEPS = ("denoise", "extrapolate", "corrected")
 
 
 def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
@@ -302,6 +302,10 @@ def plan_er_sde(
             W = np.eye(step_order)[0]
             if final_step == "extrapolate":
                 W = W + sum((-lam[i]) ** (k + 1) / math.factorial(k + 1) * row for k, row in enumerate(deriv))
+            if final_step == "corrected" and pending is not None:
+                # the clean prediction moved with the corrector's change of the last state (the denoiser's
+                # Jacobian taken as 1: exact as the last noise level goes to 0)
+                W = np.pad(W, (0, max(0, len(pending) - len(W)))) + np.pad(pending, (0, max(0, len(W) - len(pending))))
             plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=tuple(W), order=step_order))
             pending = None
             continue
@@ -405,7 +409,9 @@ def sample_er_sde(
     ``p`` (power) and ``a`` (sde_1); ``s_noise``; ``derivatives`` 'corrected' (true 3rd order,
     default) or 'paper' (the published / ComfyUI estimator, globally 2nd order); ``quadrature``
     'exact' or 'comfy_riemann'; ``flow_start`` 'exact' (model at sigma = 1, exact limit) or
-    'comfy_offset'; ``final_step`` 'denoise' or 'extrapolate'; ``corrector`` (ODE only): each state is
+    'comfy_offset'; ``final_step`` 'denoise', 'extrapolate' (Taylor of the denoiser to lam = 0) or 'corrected'
+    (with the corrector: the clean prediction plus the corrector's change of the last state, the denoiser's
+    Jacobian taken as 1); ``corrector`` (ODE only): each state is
     corrected with the model output taken there (UniC-style, exact weights; no extra evaluation, one
     order more); ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI model
     ('ve' on a flow model runs the ODE in its sigma form); ``noise`` 'gaussian' (ComfyUI's seeded

@@ -146,3 +146,24 @@ def test_flow_first_step_keeps_the_mode_assignment_of_the_exact_ode():
                         disable=True)
     assert int((mix.classify(out) != mix.classify(truth)).sum()) == 0
     assert float((out - truth).norm(dim=1).mean()) < 0.01  # measured 0.0062 (the last step, 0.06 -> 0, dominates)
+
+
+def test_corrected_final_step_adds_the_corrector_change_of_the_last_state():
+    """final_step='corrected' = D(x_pred) + (x_corr - x_pred) at the last noise level. x_corr comes here from
+    another route: the same run with the final 0 replaced by a step of length ~0 (that step starts from the
+    corrected state, folded in by merge_correction)."""
+    model = ExactModel(default_mixture(), "ve")
+    x = 14.6 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sigmas = karras_sigmas(6, 0.029, 14.6)
+    states = []
+    denoise = sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", corrector=True, disable=True,
+                            callback=lambda d: states.append(d["x"]))
+    corrected = sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", corrector=True, final_step="corrected",
+                              disable=True)
+    almost = sigmas.clone()
+    almost[-1] = sigmas[-2] * (1 - 1e-9)
+    x_corr = sample_er_sde(model, x.clone(), almost, noise_fn="ode", corrector=True, disable=True)
+    torch.testing.assert_close(corrected, denoise + (x_corr - states[-1]), rtol=0, atol=1e-7)
+    assert float((corrected - denoise).abs().max()) > 1e-4  # the correction is not nothing
+    plain = sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", final_step="corrected", disable=True)
+    torch.testing.assert_close(plain, sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", disable=True))

@@ -129,14 +129,14 @@ def planner_for(fn, options: dict, model):
 
 
 def default_variants(fn, options: dict, flow: bool) -> list[dict]:
-    """Options of the pack's ER ODE samplers the calibration also tries: the Taylor-extrapolated final step,
-    and on flow models the sigma form of the ODE (parametrization 've'). None for other samplers."""
+    """Options of the pack's ER ODE samplers the calibration also tries: the other final steps (Taylor
+    extrapolation; with the corrector, the corrected clean prediction) and, on flow models, the sigma form of
+    the ODE (parametrization 've') with each. None for other samplers."""
     if fn is not sample_er_sde or options.get("noise_fn", "sde_5") != "ode":
         return []
-    variants = [{"final_step": "extrapolate"}]
-    if flow and options.get("parametrization") is None:
-        variants += [{"parametrization": "ve"}, {"parametrization": "ve", "final_step": "extrapolate"}]
-    return variants
+    finals = [{}, {"final_step": "extrapolate"}] + ([{"final_step": "corrected"}] if options.get("corrector") else [])
+    forms = [{}] + ([{"parametrization": "ve"}] if flow and options.get("parametrization") is None else [])
+    return [{**form, **final} for form in forms for final in finals if form or final]
 
 
 def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=None) -> SigmaRange:
@@ -325,14 +325,25 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     stock_cal = {name: score(options, x_cal, s, final) for name, s in stock.items()}
     scored = [(stock_cal[name] if not v and name in stock_cal else score({**options, **v}, x_cal, sigmas, final),
                name, tuple(v.items()), sigmas) for v in variants for name, sigmas in starts.items()]
-    best_start, _, variant, init_sigmas = min(scored, key=lambda t: t[0])
-    if not math.isfinite(best_start):
+    if not math.isfinite(min(t[0] for t in scored)):
         raise ValueError(f"{who}: the sampler failed or gave NaN on every schedule tried ({failures[:1]}).")
-    chosen = {**options, **dict(variant)}
-    z0 = rng.z(init_sigmas[1:-1].to(torch.float64)).tolist()
+    # every variant gets a short refinement from its best start; the best of them gets the rest of the budget
     budget = refine_trials if refine_trials is not None else 2 * candidates
-    z_best, cal_error, _ = refine(lambda z: score(chosen, x_cal, emit(rng, z), final), z0, rng, min_gap,
-                                  budget, progress=lambda d, t: report_progress("refine", d, t))
+    short = max(1, budget // 4) if len(variants) > 1 else budget
+    tried = []
+    for v in variants:
+        error0, _, _, init_sigmas = min((t for t in scored if t[2] == tuple(v.items())), key=lambda t: t[0])
+        if not math.isfinite(error0):
+            continue
+        fn_options = {**options, **v}
+        z_v, error_v, _ = refine(lambda z, o=fn_options: score(o, x_cal, emit(rng, z), final),
+                                 rng.z(init_sigmas[1:-1].to(torch.float64)).tolist(), rng, min_gap, short,
+                                 progress=lambda d, t: report_progress("refine", d, t))
+        tried.append((error_v, z_v, fn_options))
+    _, z_best, chosen = min(tried, key=lambda t: t[0])
+    z_best, cal_error, _ = refine(lambda z: score(chosen, x_cal, emit(rng, z), final), z_best, rng, min_gap,
+                                  budget - short if len(variants) > 1 else 1, delta=0.0625,
+                                  progress=lambda d, t: report_progress("refine", d, t))
     sigmas = emit(rng, z_best)
     check_sigmas(sigmas, steps, who)
     end("refine")
