@@ -231,9 +231,10 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     ``sigma_max``. ``holdout``: a number of fresh noises (drawn with ``seed``) or a noise tensor, 0 for none
     (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
     uniform). ``variants``: option dicts for a pack sampler to try (default ``default_variants``: the final
-    step and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``. ``progress(stage, done, total)`` may raise to stop
-    (nothing is written then). ``cache_dir`` + ``model_key`` (a string naming the model, conditioning and cfg):
-    results are stored there, and the same call again returns them without a model call."""
+    steps and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``.
+    ``progress(stage, done, total)`` may raise to stop (nothing is written then). ``cache_dir`` +
+    ``model_key`` (a string naming the model, conditioning and cfg): results are stored there, and the same
+    call again returns them without a model call."""
     t0 = time.perf_counter()
     extra_args = {} if extra_args is None else dict(extra_args)
     if not isinstance(steps, int) or steps < 1:
@@ -282,7 +283,7 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     stage("teacher")
     states, final = teacher(x_cal)
     report_progress("teacher", 1, 3)
-    coarse, coarse_index = fine_grid(rng, nodes, max(1, teacher_substeps // 2))
+    coarse, _ = fine_grid(rng, nodes, max(1, teacher_substeps // 2))
     half = TEACHER(counter, x_cal.clone(), coarse, extra_args=dict(extra_args), disable=True)
     teacher_error = mean_error(final, half) / (2**TEACHER_ORDER - 1)
     end("teacher")
