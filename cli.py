@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from .samplers import (
-    calibrate_schedule, fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m, sample_er_sde,
-    sample_euler, sample_heun,
+    calibrate_schedule, fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m,
+    sample_er_sde, sample_euler, sample_heun,
 )
+from .samplers.er_sde import PRESETS as ER_SDE_PRESETS
 from .samplers.schedule import flow_shift_sigmas, karras_sigmas
 from .samplers.testbed import (
     ExactModel, default_mixture, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
@@ -42,9 +43,8 @@ SAMPLERS = [
     Entry("heun", sample_heun, deterministic=True, evals_per_step=2),
     Entry("dpmpp_2m", sample_dpmpp_2m, deterministic=True),
     Entry("fs_er_sde_ode_3", sample_er_sde, {"order": 3, "noise_fn": "ode"}, deterministic=True),
-    Entry("fs_er_sde_ode_3_unic", sample_er_sde, {"order": 3, "noise_fn": "ode", "corrector": True},
-          deterministic=True),
-    Entry("fs_er_sde_ode_3_unic, calibrated schedule", sample_er_sde, {"order": 3, "noise_fn": "ode", "corrector": True},
+    Entry("fs_er_sde_ode_3_unic", sample_er_sde, ER_SDE_PRESETS["er_sde_ode_3_unic"], deterministic=True),
+    Entry("fs_er_sde_ode_3_unic, calibrated schedule", sample_er_sde, ER_SDE_PRESETS["er_sde_ode_3_unic"],
           deterministic=True, calibrated="fs_er_sde_ode_3_unic"),
     Entry("er_sde_ode_3 (paper)", sample_er_sde, {"order": 3, "noise_fn": "ode", "derivatives": "paper"},
           deterministic=True),

@@ -195,7 +195,8 @@ def write_markdown(results, args, wall, drift=()) -> str:
              "rules, at the same counted NFE, starting at sigma_max. Targets (issue): calibrated <= 0.7x the best "
              "peer at NFE 5 and <= 0.5x at NFE 10.", "",
              "## Summary: the best calibrated sampler vs the best ComfyUI pairing", "",
-             "| model | NFE | best ComfyUI pairing | error | calibrated (sampler) | error | ratio |", "|---|---|---|---|---|---|---|"]
+             "| model | NFE | best ComfyUI pairing | error | calibrated (sampler) | error | ratio |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
         for nfe, peer in res["best"].items():
             rows = [r for r in res["calibrated"] if r["nfe"] == nfe]

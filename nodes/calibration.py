@@ -122,6 +122,8 @@ class ScheduleCalibrator(io.ComfyNode):
     @classmethod
     def execute(cls, model, sampler, latent, steps, noises, calibration_seed, teacher_accuracy, candidates,
                 positive, negative=None, cfg=1.0, use_cache=True) -> io.NodeOutput:
+        import os
+
         import torch
 
         import comfy.model_management
@@ -137,7 +139,7 @@ class ScheduleCalibrator(io.ComfyNode):
         if steps < 1:
             raise ValueError(f"{WHO}: steps must be at least 1, got {steps}.")
         fn = sampler_callable(sampler)
-        base_fn, base_options, label = resolve_sampler(fn)
+        base_fn, base_options, _ = resolve_sampler(fn)
         samples = latent["samples"]
         shape = tuple(samples.shape[1:])
         ms = model.get_model_object("model_sampling")
@@ -158,7 +160,7 @@ class ScheduleCalibrator(io.ComfyNode):
         stock = stock_schedules(ms, steps, flow)
         key = cache_key(*model_fingerprint(model), *conditioning_tensors(positive), *conditioning_tensors(negative),
                         cfg, shape, str(samples.dtype)) if use_cache else None
-        cache_dir = folder_paths.get_user_directory() + "/fs_calibration_cache" if use_cache else None
+        cache_dir = os.path.join(folder_paths.get_user_directory(), "fs_calibration_cache") if use_cache else None
         result = {}
 
         def calibrate(k_model, x, sigmas, extra_args=None, callback=None, disable=None):

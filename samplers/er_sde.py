@@ -273,7 +273,7 @@ def plan_er_sde(
     check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
                   final_step=final_step, s_noise=s_noise)
     if corrector and not noise_fn.deterministic:
-        raise ValueError(f"ER-SDE: the corrector is for the ODE only, got {noise_fn.name}.")
+        raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {noise_fn.name}.")
     sig = sigmas.to(torch.float64).clone()
     if schedule.is_flow and flow_start == "comfy_offset" and sig[0] >= 1.0:
         sig[0] = flow_start_sigma if flow_start_sigma is not None else 1.0 - 1e-4

@@ -127,7 +127,8 @@ def test_corrector_weights_integrate_the_corrector_polynomial(lams):
     change = _ode_correction(lam_t, nodes[0], 1.0, list(nodes), predictor, make_noise_function("ode"), "exact")
     p_corr = np.polynomial.Polynomial.fit(lams, values, len(lams) - 1)
     p_pred = np.polynomial.Polynomial.fit(nodes, values[1:], len(nodes) - 1)
-    expected = lam_t * quad(lambda lam: (p_corr(lam) - p_pred(lam)) / lam**2, lam_t, nodes[0], epsabs=0, epsrel=1e-13)[0]
+    integrand = lambda lam: (p_corr(lam) - p_pred(lam)) / lam**2  # noqa: E731
+    expected = lam_t * quad(integrand, lam_t, nodes[0], epsabs=0, epsrel=1e-13)[0]
     assert float(np.dot(change, values)) == pytest.approx(expected, rel=1e-9, abs=1e-13)
 
 
