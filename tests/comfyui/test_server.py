@@ -113,6 +113,20 @@ def test_bad_prompt_is_refused_with_a_message(server):
     assert err.value.code == 400 and "value_smaller_than_min" in err.value.read().decode()
 
 
+def _assert_same_prompt(sent: dict, api: dict, name: str) -> None:
+    """What the front end serialises from the UI file is the API twin: same nodes, same inputs, same values
+    (numbers to float32 precision; the front end's own control widgets are not sent)."""
+    assert sorted(sent, key=int) == sorted(api, key=int), name
+    for nid, node in api.items():
+        got = sent[nid]["inputs"]
+        assert set(got) == set(node["inputs"]), (name, nid, sorted(got), sorted(node["inputs"]))
+        for key, value in node["inputs"].items():
+            if isinstance(value, float) or isinstance(got[key], float):
+                assert got[key] == pytest.approx(value, rel=1e-6), (name, nid, key, got[key], value)
+            else:
+                assert got[key] == value, (name, nid, key, got[key], value)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_front_end_loads_workflow_and_draws_the_sigma_plot(server):
     playwright = pytest.importorskip("playwright.sync_api")
@@ -136,6 +150,8 @@ def test_front_end_loads_workflow_and_draws_the_sigma_plot(server):
             }""", workflow)
             assert missing == [], name
             assert page.evaluate("() => window.app.graph._nodes.length") == len(workflow["nodes"]), name
+            sent = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+            _assert_same_prompt(sent, json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text()), name)
             page.keyboard.press("Escape")  # the missing-model notice: no weights on this machine
             page.screenshot(path=str(shots / f"{name}.png"))
         # Run a weight-free graph from the page and check the plot's data arrived on the node.
