@@ -93,14 +93,17 @@ def test_self_generated_and_inverted_pools(run_prompt, map_folder):
     g["41"] = {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "karras", "steps": 10,
                                                           "denoise": 1.0}}
     g["42"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["43"] = {"class_type": "FSTest_CaptureSigmas", "inputs": {"sigmas": ["41", 0], "label": "pool_sigmas"}}
     before = conftest.MODEL_CALLS["exact"]
-    run_prompt(g)
+    captured = run_prompt(g)
     from comfyui_fast_samplers.samplers.dpm_ot import load_ot_map
 
     made = load_ot_map(sorted(map_folder.glob("tests/pool_*.safetensors"))[-1])
-    steps_above = int((torch.tensor([float(s) for s in made.info["provenance"].split(":")[-1:]]) > 0).sum())
-    assert made.info["provenance"].startswith("self_generate:") and made.n_targets == 6 and steps_above == 1
-    assert conftest.MODEL_CALLS["exact"] - before == 2 * int(made.info["provenance"].split(":")[-1])  # 2 batches
+    # the pool runs the schedule's steps above the junction sigma 1 and stops there: one model call per sigma > 1
+    steps_above = int((captured["pool_sigmas"] > 1.0).sum())
+    assert 1 < steps_above < 10  # karras 10 steps from 14.6: some, not all, steps lie above sigma 1
+    assert made.info["provenance"] == f"self_generate:sample_euler:{steps_above}" and made.n_targets == 6
+    assert conftest.MODEL_CALLS["exact"] - before == 2 * steps_above  # 2 batches (6 targets, batch_size 4)
     x = made.targets.to(torch.float64)  # states at sigma 1 of N(mu, s^2) data: mean mu, std sqrt(s^2 + 1)
     assert abs(float(x.mean()) - MU) < 0.1 and abs(float(x.std()) - (S**2 + 1) ** 0.5) < 0.1
 
