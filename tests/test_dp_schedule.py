@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,59 @@ def test_kl_identity_small_variance():
         snrs = snr(torch.tensor([sig_t, sig_s], dtype=torch.float64), NoiseSchedule("ve"))
         identity = 0.5 * float(snrs[1] - snrs[0]) * float(((x0 - x0_hat) ** 2).sum())
         assert direct == pytest.approx(identity, rel=1e-9)
+
+
+def _gaussian_kl(mean_q, var_q, mean_p, var_p):
+    """KL(N(mean_q, var_q I) || N(mean_p, var_p I)) per row (numpy float64)."""
+    ratio = var_q / var_p
+    return 0.5 * (ratio - 1 - np.log(ratio) + (mean_q - mean_p) ** 2 / var_p).sum(-1)
+
+
+@pytest.mark.parametrize("parametrization", ["ve", "flow"])
+@pytest.mark.parametrize("variance", ["small", "large"])
+@pytest.mark.parametrize("decoder", ["sigma", "mse"])
+def test_cost_matrix_equals_an_independent_gaussian_kl(parametrization, variance, decoder):
+    """Every entry of the cost matrix against the ELBO terms written out from the schedule's own forward
+    process x = alpha x0 + s eps, in model space, by Gaussian conditioning: q(x_u | x_t, x0) from the joint of
+    (x_u, x_t) given x0, the model p(x_u | x_t) = the same formula with x0_hat, variance the posterior one
+    ("small") or the VP chain's beta = 1 - abar_t / abar_u scaled to model space ("large"); decoder -log
+    N(x0; x0_hat(x_t), v) with v = 1/SNR ("sigma") or m/D ("mse"). Per-sample KLs averaged over 5 samples
+    whose denoising errors differ per candidate, on a random unequal grid."""
+    rng = np.random.default_rng(sum(map(ord, parametrization + variance + decoder)))
+    schedule = NoiseSchedule(parametrization)
+    lo, hi = (0.03, 14.6) if parametrization == "ve" else (0.02, 0.95)
+    grid = torch.tensor(np.sort(np.exp(rng.uniform(math.log(lo), math.log(hi), 9))), dtype=torch.float64)
+    n, dim = 5, 6
+    x0 = rng.normal(size=(n, dim))
+    eps = rng.normal(size=(n, dim))
+    errors = rng.normal(size=(len(grid), n, dim)) * rng.uniform(0.05, 1.0, size=(len(grid), 1, 1))
+    x0_hat = x0 + errors  # the denoiser's output at each candidate
+    m = torch.tensor((errors**2).sum(-1).mean(1))
+    cost = cost_matrix(grid, m, dim, schedule, variance, decoder).numpy()
+
+    tab = schedule.coefficients(grid)
+    alpha, s = tab.alpha.numpy(), tab.s.numpy()
+    for t in range(len(grid)):
+        x_t = alpha[t] * x0 + s[t] * eps
+        for u in range(len(grid)):
+            if u >= t:
+                assert cost[t + 1, u + 1] == math.inf
+                continue
+            a = alpha[t] / alpha[u]  # x_t = a x_u + noise: Cov(x_u, x_t | x0) = a s_u^2, Var(x_t | x0) = s_t^2
+            gain = a * s[u] ** 2 / s[t] ** 2
+            var_post = s[u] ** 2 - gain * a * s[u] ** 2
+            mean_q = alpha[u] * x0 + gain * (x_t - alpha[t] * x0)
+            mean_p = alpha[u] * x0_hat[t] + gain * (x_t - alpha[t] * x0_hat[t])
+            if variance == "small":
+                var_p = var_post
+            else:
+                abar_t, abar_u = (alpha[k] ** 2 / (alpha[k] ** 2 + s[k] ** 2) for k in (t, u))
+                var_p = (1 - abar_t / abar_u) * (alpha[u] ** 2 + s[u] ** 2)  # VP state = x / sqrt(alpha^2 + s^2)
+            expected = _gaussian_kl(mean_q, var_post, mean_p, var_p).mean()
+            assert cost[t + 1, u + 1] == pytest.approx(expected, rel=1e-9), (t, u)
+        v = (s[t] / alpha[t]) ** 2 if decoder == "sigma" else float(m[t]) / dim
+        nll = (0.5 * np.log(2 * math.pi * v) + (x0 - x0_hat[t]) ** 2 / (2 * v)).sum(-1).mean()
+        assert cost[t + 1, 0] == pytest.approx(nll, rel=1e-9), t
 
 
 @pytest.fixture(scope="module")
