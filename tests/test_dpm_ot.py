@@ -1,6 +1,7 @@
 """DPM-OT: the semi-discrete OT fit, the map file, and the sampler (spec dpm_ot.md section 10)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,23 +91,25 @@ def test_agrees_with_pot_semidiscrete_solver():
     assert (ours_index == tiled_argmax(x[:100_000], y.float(), pot_heights)).double().mean() >= 0.95
 
 
-def test_fitted_map_is_cyclically_monotone():
-    targets = _uneven_targets(64, 16, seed=4)
-    heights = fit_heights(targets, iterations=200, seed=0).heights
-    x = _randn(8000 * 10, 16, seed=5).double()
-    index = tiled_argmax(x.float(), targets, heights)
-    y = targets.double()
-    scale = float(y.norm(dim=1).median())
-    g = torch.Generator().manual_seed(6)
-    violations = 0
-    for _ in range(8000):
-        k = int(torch.randint(2, 11, (1,), generator=g))
-        pick = torch.randint(0, len(x), (k,), generator=g)
-        xs, ys = x[pick], y[index[pick]]
-        own = (xs * ys).sum()
-        shifted = (xs * ys.roll(-1, 0)).sum()
-        violations += int(own < shifted - 1e-4 * scale)
-    assert violations == 0
+def test_fitted_map_agrees_with_the_exact_discrete_transport_of_a_sample():
+    """The fitted heights make argmax <x, y_i> + h_i the optimal transport from N(0, I) to the uniform
+    targets: on 4 x 1024 fresh noises the exact balanced assignment (scipy's linear_sum_assignment, 16 noises
+    per target, cost -<x, y>) puts 86.4% of the noises in the fitted map's cell (the rest is the sample's own
+    boundary noise: 16 points per cell). Wrong heights agree less: x 0.9 / x 1.1 82% / 84%, x 0.8 75%,
+    h = 0 31%, permuted 22%. (Any heights give a cyclically monotone map; only the masses, i.e. the heights,
+    make it the optimal one.)"""
+    from scipy.optimize import linear_sum_assignment
+
+    n, per_cell = 64, 16
+    targets = _uneven_targets(n, 16, seed=4)
+    heights = fit_heights(targets, iterations=200, seed=0).heights.double()
+    y = (targets - targets.mean(0)).double()
+    agree = 0.0
+    for seed in range(5, 9):
+        x = _randn(n * per_cell, 16, seed=seed).double()
+        rows, cols = linear_sum_assignment(np.repeat(-(x @ y.T).numpy(), per_cell, axis=1))
+        agree += float((tiled_argmax(x[rows], y, heights) == torch.as_tensor(cols // per_cell)).double().mean()) / 4
+    assert agree >= 0.85, agree
 
 
 def test_invariances_centring_height_shift_and_projection():
