@@ -123,7 +123,8 @@ def _unequal_grid(kind, grid):
         return karras_sigmas(12, 0.03, 14.6) if kind == "ve" else karras_sigmas(12, 0.02, 0.97)
     lo, hi = (0.03, 14.6) if kind == "ve" else (0.02, 0.97)
     u = torch.rand(12, dtype=torch.float64, generator=torch.Generator().manual_seed(len(kind)))
-    log_sigmas = math.log(lo) + (math.log(hi) - math.log(lo)) * torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), u])
+    ends = torch.tensor([0.0, 1.0], dtype=torch.float64)  # the grid spans [lo, hi]
+    log_sigmas = math.log(lo) + (math.log(hi) - math.log(lo)) * torch.cat([ends, u])
     return torch.cat([log_sigmas.exp().sort(descending=True).values, torch.zeros(1, dtype=torch.float64)])
 
 
