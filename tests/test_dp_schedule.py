@@ -76,11 +76,13 @@ def test_cost_matrix_equals_an_independent_gaussian_kl(parametrization, variance
     (x_u, x_t) given x0, the model p(x_u | x_t) = the same formula with x0_hat, variance the posterior one
     ("small") or the VP chain's beta = 1 - abar_t / abar_u scaled to model space ("large"); decoder -log
     N(x0; x0_hat(x_t), v) with v = 1/SNR ("sigma") or m/D ("mse"). Per-sample KLs averaged over 5 samples
-    whose denoising errors differ per candidate, on a random unequal grid."""
+    whose denoising errors differ per candidate, on a random unequal grid (flow: with sigma = 1)."""
     rng = np.random.default_rng(sum(map(ord, parametrization + variance + decoder)))
     schedule = NoiseSchedule(parametrization)
     lo, hi = (0.03, 14.6) if parametrization == "ve" else (0.02, 0.95)
     grid = torch.tensor(np.sort(np.exp(rng.uniform(math.log(lo), math.log(hi), 9))), dtype=torch.float64)
+    if parametrization == "flow":  # the node's flow grid ends at sigma = 1 (SNR 0, alpha 0)
+        grid = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
     n, dim = 5, 6
     x0 = rng.normal(size=(n, dim))
     eps = rng.normal(size=(n, dim))
@@ -109,7 +111,10 @@ def test_cost_matrix_equals_an_independent_gaussian_kl(parametrization, variance
                 var_p = (1 - abar_t / abar_u) * (alpha[u] ** 2 + s[u] ** 2)  # VP state = x / sqrt(alpha^2 + s^2)
             expected = _gaussian_kl(mean_q, var_post, mean_p, var_p).mean()
             assert cost[t + 1, u + 1] == pytest.approx(expected, rel=1e-9), (t, u)
-        v = (s[t] / alpha[t]) ** 2 if decoder == "sigma" else float(m[t]) / dim
+        if decoder == "sigma":
+            v = math.inf if alpha[t] == 0 else (s[t] / alpha[t]) ** 2  # 1/SNR: flow sigma = 1 never decodes
+        else:
+            v = float(m[t]) / dim
         nll = (0.5 * np.log(2 * math.pi * v) + (x0 - x0_hat[t]) ** 2 / (2 * v)).sum(-1).mean()
         assert cost[t + 1, 0] == pytest.approx(nll, rel=1e-9), t
 
