@@ -447,7 +447,7 @@ class BridgeEdgeMap(io.ComfyNode):
             node_id=f"{PREFIX}_BridgeEdgeMap",
             display_name="Bridge Edge Map (for edges->handbags)",
             category=CAT,
-            description="Black edge lines on white from a photo or drawing (kornia Canny), the kind of "
+            description="Black edge lines on white from a photo or drawing (kornia Canny; kornia comes with ComfyUI), the kind of "
                         "condition the edges->handbags model expects. The dataset used HED edges, so expect "
                         "some mismatch.",
             inputs=[
@@ -466,7 +466,14 @@ class BridgeEdgeMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, low_threshold, high_threshold, blur_sigma, thickness) -> io.NodeOutput:
-        import kornia
+        try:
+            import kornia
+        except ImportError:  # optional: ComfyUI's requirements.txt installs it; the pack does not list it
+            raise RuntimeError(
+                "Bridge Edge Map needs kornia, which ComfyUI's own requirements.txt installs and this Python lacks. "
+                "Install it into ComfyUI's Python with a version that fits your torch (kornia 0.9 needs torch >= "
+                "2.5.1; 'pip install \"kornia>=0.7,<0.9\"' for older torch), or make the edge map elsewhere and "
+                "load it as an image.") from None
 
         if low_threshold > high_threshold:
             raise ValueError("Bridge Edge Map: low_threshold must not exceed high_threshold.")
