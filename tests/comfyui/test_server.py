@@ -251,22 +251,55 @@ def test_build_once_nodes_start_fixed_and_the_second_run_is_cached(page):
     assert cached == {str(i) for i in page.evaluate("() => window.app.graph._nodes.map(n => n.id)")}
     assert page.evaluate("() => window.app.graph._nodes.filter(n => n.type.startsWith('FS_')).map(n => "
                          "(n.widgets ?? []).find(w => w.name === 'seed')?.value)") == seeds
+    page.evaluate("() => { window.app.canvas.ds.offset = [0, 0]; window.app.canvas.ds.scale = 0.9; window.app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(_shots / "build_once_cached.png"))
 
 
-def test_sigma_plot_after_a_run_from_the_page(page):
-    page, shots = page
+def _plot_graph_and_run(page) -> dict:
+    """Karras (20 steps) -> Plot Sigmas, built and Run in the page; the plot node's 'executed' output."""
     page.evaluate("""async () => {
-        const karras = window.LiteGraph.createNode("KarrasScheduler");
-        const plot = window.LiteGraph.createNode("FS_PlotSigmas");
-        window.app.graph.clear();
-        window.app.graph.add(karras); window.app.graph.add(plot);
-        karras.pos = [50, 50]; plot.pos = [400, 50];
+        const g = window.app.graph, L = window.LiteGraph;
+        g.clear();
+        const karras = L.createNode("KarrasScheduler"), plot = L.createNode("FS_PlotSigmas");
+        g.add(karras); g.add(plot);
+        karras.pos = [50, 50]; plot.pos = [420, 50];
         karras.connect(0, plot, 0);
-        await window.app.queuePrompt(0, 1);
+        window.fsPlotId = plot.id;
     }""")
-    page.wait_for_function("() => window.app.graph._nodes.some(n => Array.isArray(n.fsSigmas))", timeout=60_000)
-    n = page.evaluate("() => window.app.graph._nodes.find(n => n.fsSigmas).fsSigmas.length")
-    assert n == 21  # KarrasScheduler default: 20 steps + the final 0
+    events = _run_from_page(page)
+    return next(d["output"] for n, d in events if n == "executed" and str(d["node"]) == str(page.evaluate("window.fsPlotId")))
+
+
+@pytest.mark.parametrize("rendering", ["canvas", "vue"])
+def test_sigma_plot_shows_as_an_image_preview(page, rendering):
+    """The plot is a backend-drawn image preview: the classic canvas shows it as the node's image, Vue node
+    rendering ("Nodes 2.0", current front end only) as an <img> in the node."""
+    page, shots = page
+    front_end = shots.name
+    if rendering == "vue" and front_end == "pinned":
+        pytest.skip("the pinned front end has no Vue node rendering")
+    page.evaluate("(on) => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on)", rendering == "vue")
+    output = _plot_graph_and_run(page)
+    assert len(output["fs_sigmas"]) == 21  # KarrasScheduler default: 20 steps + the final 0
+    (image,) = output["images"]
+    assert image["type"] == "temp"
+    url = page.evaluate("() => window.location.origin")
+    with urllib.request.urlopen(f"{url}/view?filename={image['filename']}&type=temp&subfolder={image['subfolder']}",
+                                timeout=30) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+    if rendering == "canvas":
+        page.wait_for_function("""(name) => {
+            const n = window.app.graph.getNodeById(window.fsPlotId);
+            return n.imgs?.length === 1 && n.imgs[0].complete && n.imgs[0].naturalWidth >= 400
+                && n.imgs[0].src.includes(name);
+        }""", arg=image["filename"], timeout=30_000)
+    else:
+        page.wait_for_function("""(name) => [...document.querySelectorAll('img')].some(
+            i => i.src.includes(name) && i.complete && i.naturalWidth >= 400 && i.getBoundingClientRect().width > 100)""",
+                               arg=image["filename"], timeout=30_000)
     page.keyboard.press("Escape")
-    page.evaluate("() => { window.app.canvas.ds.offset = [0, 0]; window.app.canvas.ds.scale = 1.5; window.app.canvas.draw(true, true); }")
-    page.screenshot(path=str(shots / "sigma_plot.png"))
+    page.evaluate("() => { window.app.canvas.ds.offset = [0, 0]; window.app.canvas.ds.scale = 1.2; window.app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(shots / f"sigma_plot_{rendering}.png"))
+    page.evaluate("() => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
