@@ -187,6 +187,7 @@ def test_front_end_sends_what_the_api_twin_says(page):
         }""", workflow)
         assert missing == [], name
         assert page.evaluate("() => window.app.graph._nodes.length") == len(workflow["nodes"]), name
+        assert page.evaluate("() => window.app.canvas.ds.scale") == 1.0, name  # opens at 100 %: text readable
         sent = page.evaluate("async () => (await window.app.graphToPrompt()).output")
         _assert_same_prompt(sent, json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text()), name)
         page.keyboard.press("Escape")  # the missing-model notice: no weights on this machine
