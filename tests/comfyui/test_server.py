@@ -103,6 +103,10 @@ def test_object_info_lists_every_node_with_tooltips(server):
         for section in ("required", "optional"):
             for input_name, spec in d["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), (name, input_name)
+    # plain display names and advanced flags reach the front end; the ids (what workflows store) stay
+    er_sde = ours["FS_ERSDESolver"]["input"]["required"]
+    assert er_sde["quadrature"][1]["display_name"] == "step coefficients" and er_sde["quadrature"][1]["advanced"]
+    assert er_sde["order"][1]["display_name"] == "solver order" and not er_sde["order"][1].get("advanced")
 
 
 def _sigma_plot_prompt():
