@@ -8,12 +8,12 @@ offline it skips; a resolution conflict fails."""
 import json
 import subprocess
 import sys
-import tomllib
 import venv
 from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
 REPO = Path(__file__).resolve().parents[1]
 OLD_TORCH = "2.1.0"
 OFFLINE_SIGNS = ("from versions: none", "NewConnectionError", "Temporary failure in name resolution",
