@@ -90,15 +90,17 @@ class ScheduleCalibrator(io.ComfyNode):
                              tooltip="Steps of the schedule (model calls of a one-call-per-step sampler)."),
                 io.Int.Input("noises", default=16, min=2, max=1024,
                              tooltip="How many noises the schedule is fitted on (and as many fresh ones to check "
-                                     "it). More = generalises better, slower: 16-32 for image models."),
+                                     "it). More = generalises better, slower: 16-32 for image models.",
+                             display_name="calibration noises"),
                 io.Int.Input("calibration_seed", default=0, min=0, max=0xFFFFFFFF,
                              tooltip="Seed of the calibration noises (kept fixed: the same seed reuses the cache)."),
                 io.Combo.Input("teacher_accuracy", options=list(TEACHER_ACCURACY), default="standard",
                                tooltip="How finely the model's own solution is computed: fast (2 sub-steps per "
-                                       "candidate), standard (4), high (8). The report says if it was not enough."),
+                                       "candidate), standard (4), high (8). The report says if it was not enough.",
+                               display_name="teacher accuracy"),
                 io.Int.Input("candidates", default=40, min=8, max=200,
                              tooltip="Noise levels the search chooses from. More = finer, slower (the teacher "
-                                     "takes candidates x sub-steps model calls)."),
+                                     "takes candidates x sub-steps model calls).", display_name="schedules tried"),
                 io.Conditioning.Input("positive", tooltip="Prompt to calibrate for (an empty prompt calibrates the "
                                                           "unconditional model; schedules usually transfer between "
                                                           "prompts, the report's numbers are for this one)."),

@@ -14,7 +14,7 @@ from ..samplers.dbim import (
     BRIDGE_PRESETS, SAMPLERS, BridgeDenoiser, BridgePreset, detect_preset, encode_dbim, interpolate_dbim,
     load_bridge_checkpoint, row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors,
 )
-from .comfy_io import CATEGORY, PREFIX, io
+from .comfy_io import CATEGORY, PREFIX, io, mark_advanced
 from .registry import register_model_folder as register_folder
 
 FOLDER = "fs_bridge_models"  # folder_paths key; on disk: models/bridge_models
@@ -171,7 +171,7 @@ def _common_inputs(with_order=True):
     inputs = [
         io.Int.Input("nfe", default=20, min=2, max=1000,
                      tooltip="Network evaluations. DBIM: 10-20 is usually enough (the paper's default is 20); "
-                             "each one is one UNet call."),
+                             "each one is one UNet call.", display_name="model calls (NFE)"),
     ]
     if with_order:
         inputs.append(io.Int.Input("order", default=1, min=1, max=3,
@@ -181,13 +181,14 @@ def _common_inputs(with_order=True):
     inputs += [
         io.Combo.Input("grid", options=list(GRIDS), default="uniform_t",
                        tooltip="Where the steps go. uniform_t: the reference (use it for the released VP "
-                               "models); karras: denser near the end, needed for VE bridges."),
+                               "models); karras: denser near the end, needed for VE bridges.",
+                       display_name="time grid"),
         io.Combo.Input("size", options=list(SIZE_MODES), default="resize_to_model",
                        tooltip="resize_to_model: scale the input to the model's training size (64 or 256). keep: "
                                "run at the input size (sides must divide by 8 or 32; quality untested)."),
         io.Int.Input("class_label", default=0, min=0, max=999,
                      tooltip="ImageNet class of the image (0-999), only for class-conditional models such as "
-                             "the ImageNet inpainting one; ignored otherwise."),
+                             "the ImageNet inpainting one; ignored otherwise.", display_name="class label"),
     ]
     return inputs
 
@@ -219,7 +220,7 @@ class BridgeModelLoader(io.ComfyNode):
             description="Loads a DDBM / DBIM diffusion-bridge checkpoint (edges->handbags, DIODE normals->photo, "
                         "ImageNet centre inpainting) from models/bridge_models. .pt files are read as plain "
                         "tensors only (never arbitrary pickled code).",
-            inputs=[
+            inputs=mark_advanced([
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="A file in models/bridge_models (.pt, .pth or .safetensors), e.g. "
                                        "e2h_ema_0.9999_420000.pt from huggingface.co/alexzhou907/DDBM."),
@@ -231,20 +232,26 @@ class BridgeModelLoader(io.ComfyNode):
                                        "halve memory on GPUs."),
                 io.Boolean.Input("save_safetensors", default=False,
                                  tooltip="Also write a .safetensors copy (with the preset inside) next to a .pt "
-                                         "file, once; an existing file is never overwritten."),
+                                         "file, once; an existing file is never overwritten.",
+                                 display_name="also save as .safetensors"),
                 io.Combo.Input("custom_schedule", options=list(SCHEDULE_PRESETS), default="vp",
                                tooltip="custom preset only: the bridge the model was trained with (vp: DDBM's "
-                                       "default; ve; i2sb: the ImageNet inpainting model's)."),
+                                       "default; ve; i2sb: the ImageNet inpainting model's).",
+                               display_name="custom: noise schedule"),
                 io.Float.Input("beta_d", default=2.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="custom vp only: the schedule's beta_d (DDBM: 2)."),
+                               tooltip="custom vp only: the schedule's beta_d (DDBM: 2).",
+                               display_name="custom: beta_d"),
                 io.Float.Input("beta_min", default=0.1, min=0.0, max=100.0, step=0.01,
-                               tooltip="custom vp / i2sb only: beta_min (DDBM and I2SB: 0.1)."),
+                               tooltip="custom vp / i2sb only: beta_min (DDBM and I2SB: 0.1).",
+                               display_name="custom: beta_min"),
                 io.Float.Input("sigma_max", default=80.0, min=0.01, max=1000.0, step=0.01,
-                               tooltip="custom ve only: the end time T (DDBM: 80 for edges, 20 for DIODE)."),
+                               tooltip="custom ve only: the end time T (DDBM: 80 for edges, 20 for DIODE).",
+                               display_name="custom: sigma_max"),
                 io.Combo.Input("attention_order", options=["auto", "new", "legacy"], default="auto",
                                tooltip="custom only: how the attention weights are laid out. new: DDBM's models; "
-                                       "legacy: OpenAI ADM-based ones (ImageNet). A wrong choice gives garbage."),
-            ],
+                                       "legacy: OpenAI ADM-based ones (ImageNet). A wrong choice gives garbage.",
+                               display_name="attention layout"),
+            ], "custom_schedule", "beta_d", "beta_min", "sigma_max", "attention_order"),
             outputs=[BRIDGE_MODEL.Output(display_name="bridge_model",
                                          tooltip="Connect to the Bridge Sampler / Encode / Interpolate nodes.")],
         )
@@ -304,7 +311,7 @@ class BridgeSampler(io.ComfyNode):
             description="Translates a condition image with a diffusion-bridge model: DBIM (Zheng et al., 2024) "
                         "at 10-20 evaluations, high-order DBIM, or DDBM's Heun sampler (the slow baseline). "
                         "Also outputs the booting noise, so the same image can be re-made or interpolated.",
-            inputs=[
+            inputs=mark_advanced([
                 BRIDGE_MODEL.Input("bridge_model", tooltip=_tip_model()),
                 io.Image.Input("condition", tooltip="The input image: an edge map, a normal-map rendering, or the "
                                                     "photo to inpaint, depending on the model."),
@@ -318,19 +325,22 @@ class BridgeSampler(io.ComfyNode):
                                        "stochastic (can help inpainting at 50+ NFE)."),
                 io.Float.Input("churn_step_ratio", default=0.33, min=0.0, max=0.99, step=0.01,
                                tooltip="ddbm_heun only: share of each step done as a random (SDE) step. 0.33 is "
-                                       "DDBM's default; 0 makes it deterministic but collapses variety."),
+                                       "DDBM's default; 0 makes it deterministic but collapses variety.",
+                               display_name="churn (share of steps)"),
                 *_common_inputs(),
                 io.Boolean.Input("clip_denoised", default=True,
-                                 tooltip="Clamp every prediction to the valid pixel range, as the reference does."),
+                                 tooltip="Clamp every prediction to the valid pixel range, as the reference does.",
+                                 display_name="clip to [-1, 1]"),
                 io.Boolean.Input("paste_known", default=False,
                                  tooltip="Inpainting only: copy the known pixels of the input into the result "
-                                         "exactly (the reference leaves them as the model made them)."),
+                                         "exactly (the reference leaves them as the model made them).",
+                                 display_name="paste known pixels back"),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Inpainting models: 1 (white) = area to regenerate."),
                 BRIDGE_LATENT.Input("latent", optional=True,
                                     tooltip="Booting noise from a Bridge Encode or an earlier run: replaces the "
                                             "seeded noise (reconstruct or edit an image)."),
-            ],
+            ], "clip_denoised"),
             outputs=[io.Image.Output(display_name="image", tooltip="The translated image(s)."),
                      BRIDGE_LATENT.Output(display_name="latent", tooltip="The booting noise that was used.")],
         )
@@ -447,9 +457,9 @@ class BridgeEdgeMap(io.ComfyNode):
             node_id=f"{PREFIX}_BridgeEdgeMap",
             display_name="Bridge Edge Map (for edges->handbags)",
             category=CAT,
-            description="Black edge lines on white from a photo or drawing (kornia Canny), the kind of "
-                        "condition the edges->handbags model expects. The dataset used HED edges, so expect "
-                        "some mismatch.",
+            description="Black edge lines on white from a photo or drawing (kornia Canny; kornia comes with "
+                        "ComfyUI), the kind of condition the edges->handbags model expects. The dataset used HED "
+                        "edges, so expect some mismatch.",
             inputs=[
                 io.Image.Input("image", tooltip="A photo or drawing."),
                 io.Float.Input("low_threshold", default=0.1, min=0.0, max=1.0, step=0.01,
@@ -466,7 +476,14 @@ class BridgeEdgeMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, low_threshold, high_threshold, blur_sigma, thickness) -> io.NodeOutput:
-        import kornia
+        try:
+            import kornia
+        except ImportError:  # optional: ComfyUI's requirements.txt installs it; the pack does not list it
+            raise RuntimeError(
+                "Bridge Edge Map needs kornia, which ComfyUI's own requirements.txt installs and this Python lacks. "
+                "Install it into ComfyUI's Python with a version that fits your torch (kornia 0.9 needs torch >= "
+                "2.5.1; 'pip install \"kornia>=0.7,<0.9\"' for older torch), or make the edge map elsewhere and "
+                "load it as an image.") from None
 
         if low_threshold > high_threshold:
             raise ValueError("Bridge Edge Map: low_threshold must not exceed high_threshold.")

@@ -50,7 +50,8 @@ class DDIMGMMSampler(io.ComfyNode):
                                      "final image."),
                 io.Combo.Input("on_infeasible", options=list(ON_INFEASIBLE), default="clamp",
                                tooltip="strict only: when the offsets are too large to match DDIM exactly, shrink "
-                                       "them (clamp, with a warning) or stop with an error."),
+                                       "them (clamp, with a warning) or stop with an error.",
+                               display_name="when a step is infeasible"),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to the sampler input of SamplerCustom(Advanced).")],
         )

@@ -8,7 +8,7 @@ from ..samplers.dp_schedule import (
     path_sigmas, probe_local_error, probe_mse, save_probe,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
-from .comfy_io import CATEGORY, io
+from .comfy_io import CATEGORY, io, mark_advanced
 from .guided import conditioning_tensors, run_inside_sampling
 from .ui import sigmas_ui
 
@@ -72,7 +72,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                 "the whole batch. ELBO-optimal schedules spend steps on fine detail and may take one big jump from "
                 "pure noise; compare the report's numbers with karras before relying on it for few-step images."
             ),
-            inputs=[
+            inputs=mark_advanced([
                 io.Model.Input("model", tooltip="The model you will sample with."),
                 io.Latent.Input("latents", tooltip="Clean latents of images like the ones you want (VAE Encode a "
                                                    "batch of 16-64 images). Empty latents are refused."),
@@ -82,28 +82,31 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                                                                           "the schedule is made for."),
                 io.Int.Input("candidates", default=250, min=10, max=1000,
                              tooltip="How many of the model's noise levels are tried. More = finer schedule, "
-                                     "slower probe (one model call per candidate)."),
+                                     "slower probe (one model call per candidate).", display_name="noise levels tried"),
                 io.Combo.Input("variance", options=list(VARIANCES), default="small",
                                tooltip="Reverse-step variance the ELBO assumes: small (posterior, DDPM/ancestral) "
-                                       "or large (beta)."),
+                                       "or large (beta).", display_name="step variance"),
                 io.Combo.Input("decoder", options=list(DECODERS), default="sigma",
                                tooltip="Last-step likelihood: sigma (width of the last noise level; ends at the "
-                                       "smallest sigmas like stock schedules) or mse (tightest; tends to stop early)."),
+                                       "smallest sigmas like stock schedules) or mse (tightest; tends to stop early).",
+                               display_name="last-step likelihood"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
                              tooltip="Seed of the probe noise (the same noise is used at every candidate)."),
                 io.Float.Input("start_sigma", default=0.0, min=0.0, max=1000.0, step=0.01,
                                tooltip="First sigma of the schedule; 0 = the model's largest (full denoise). Set it "
-                                       "lower for img2img-style partial schedules."),
+                                       "lower for img2img-style partial schedules.",
+                               display_name="start sigma (0 = full denoise)"),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="elbo", optional=True,
                                tooltip="elbo: the paper's ELBO (one model call per candidate). local_error "
                                        "(experimental): the squared error of one Euler/DDIM jump against a fine "
                                        "solve, about 2 x candidates^2 model calls, so use 30-60 candidates; "
-                                       "see the docs for which one gives better images."),
+                                       "see the docs for which one gives better images.", display_name="objective"),
                 io.Boolean.Input("use_cache", default=True,
                                  tooltip="Keep the probe's measurements on disk (ComfyUI user folder, "
                                          "fs_dp_schedule_cache): another step count, variance or decoder for the same "
-                                         "model, latents and conditioning then needs no model calls."),
-            ],
+                                         "model, latents and conditioning then needs no model calls.",
+                                 display_name="keep measurements on disk"),
+            ], "variance", "decoder", "objective"),
             hidden=[io.Hidden.unique_id],
             outputs=[io.Sigmas.Output(tooltip="Use like any scheduler's SIGMAS (SamplerCustom, SplitSigmas...)."),
                      io.String.Output(display_name="report", tooltip="Chosen sigmas, per-step cost and the same "

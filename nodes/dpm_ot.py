@@ -8,7 +8,7 @@ from ..samplers.dpm_ot import (
     load_ot_map, pool_from_clean, sample_dpm_ot, save_ot_map,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling, prediction_type
-from .comfy_io import CATEGORY, PREFIX, io
+from .comfy_io import CATEGORY, PREFIX, io, mark_advanced
 from .dp_schedule import show_text
 from .guided import conditioning_tensors, run_inside_sampling
 from .registry import register_model_folder
@@ -87,12 +87,12 @@ class TargetsFromLatents(io.ComfyNode):
                 io.Latent.Input("latents", tooltip="Clean latents of the images the pool should hold (VAE Encode "
                                                    "a batch)."),
                 io.Float.Input("sigma_junction", default=1.0, min=0.001, max=1000.0, step=0.001,
-                               tooltip=JUNCTION_TOOLTIP),
+                               tooltip=JUNCTION_TOOLTIP, display_name="junction sigma"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
                              tooltip="Target i is noised with seed + i (the same pool every run)."),
                 io.Boolean.Input("keep_clean", default=True,
                                  tooltip="Keep the clean latents too (needed by the 'renoise' placement; doubles "
-                                         "the map file)."),
+                                         "the map file).", display_name="keep the clean latents too"),
             ],
             outputs=[OT_TARGETS.Output(display_name="targets", tooltip="Connect to DPM-OT Fit Map.")],
         )
@@ -103,6 +103,10 @@ class TargetsFromLatents(io.ComfyNode):
         prediction, latent_format, schedule, ms = model_identity(model, who)
         sigma_junction = check_junction_for_model(sigma_junction, schedule, ms, who)
         data = data_latents(model, latents, who)
+        if data.shape[0] < 2:
+            raise ValueError(f"{who}: needs a pool of at least 2 targets (16-64 work well), got a LATENT batch of "
+                             f"{data.shape[0]}. Encode a folder of images as one batch: Load Image Dataset from "
+                             f"Folder -> Upscale Image -> VAE Encode (docs/batches.md).")
         try:
             pool = pool_from_clean(data, sigma_junction, prediction, latent_format, seed, keep_clean, who=who)
         except ValueError as err:
@@ -132,9 +136,11 @@ class TargetsSelfGenerate(io.ComfyNode):
                                                   "junction are run."),
                 io.Latent.Input("latent", tooltip="An empty latent of the image size (its batch size is ignored)."),
                 io.Float.Input("sigma_junction", default=1.0, min=0.001, max=1000.0, step=0.001,
-                               tooltip=JUNCTION_TOOLTIP),
-                io.Int.Input("count", default=64, min=1, max=100000, tooltip="Number of targets N."),
-                io.Int.Input("batch_size", default=8, min=1, max=4096, tooltip="Targets made per sampler run."),
+                               tooltip=JUNCTION_TOOLTIP, display_name="junction sigma"),
+                io.Int.Input("count", default=64, min=1, max=100000, tooltip="Number of targets N.",
+                             display_name="targets"),
+                io.Int.Input("batch_size", default=8, min=1, max=4096, tooltip="Targets made per sampler run.",
+                             display_name="batch size"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
                              tooltip="Batch b uses seed + b (ComfyUI's noise for that seed)."),
             ],
@@ -206,10 +212,12 @@ class TargetsInvert(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Conditioning for the inversion (usually an empty prompt)."),
                 io.Latent.Input("latents", tooltip="Clean latents (VAE Encode of your images)."),
                 io.Float.Input("sigma_junction", default=1.0, min=0.001, max=1000.0, step=0.001,
-                               tooltip=JUNCTION_TOOLTIP),
+                               tooltip=JUNCTION_TOOLTIP, display_name="junction sigma"),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Inversion steps (model calls per latent)."),
-                io.Int.Input("batch_size", default=8, min=1, max=4096, tooltip="Latents inverted per model call."),
-                io.Boolean.Input("keep_clean", default=True, tooltip="Keep the clean latents too."),
+                io.Int.Input("batch_size", default=8, min=1, max=4096, tooltip="Latents inverted per model call.",
+                             display_name="batch size"),
+                io.Boolean.Input("keep_clean", default=True, tooltip="Keep the clean latents too.",
+                                 display_name="keep the clean latents too"),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[OT_TARGETS.Output(display_name="targets", tooltip="Connect to DPM-OT Fit Map.")],
@@ -292,7 +300,8 @@ class FitMap(io.ComfyNode):
                                tooltip="auto: ComfyUI's GPU when there is one."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Keep a checkpoint of long fits in the user folder (fs_ot_fit_checkpoints) "
-                                         "and continue from it after an interruption."),
+                                         "and continue from it after an interruption.",
+                                 display_name="resume a stopped fit"),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[OT_MAP.Output(display_name="ot_map", tooltip="Connect to DPM-OT Sampler / Save Map."),
@@ -311,7 +320,8 @@ class FitMap(io.ComfyNode):
 
         who = "DPM-OT Fit Map node"
         if not isinstance(targets, OTMap) or targets.n_targets < 2:
-            raise ValueError(f"{who}: needs a pool of at least 2 targets from a DPM-OT Targets node.")
+            got = f"{targets.n_targets}" if isinstance(targets, OTMap) else type(targets).__name__
+            raise ValueError(f"{who}: needs a pool of at least 2 targets from a DPM-OT Targets node, got {got}.")
         if device not in ("auto", "cpu"):
             raise ValueError(f"{who}: device must be 'auto' or 'cpu', got {device!r}.")
         torch_device = comfy.model_management.get_torch_device() if device == "auto" else "cpu"
@@ -450,7 +460,7 @@ class DPMOTSampler(io.ComfyNode):
             description="SAMPLER for SamplerCustom(Advanced): sends the seed's noise through the OT map to one pool "
                         "latent at the junction sigma, then runs the finisher on the SIGMAS (use DPM-OT Sigmas; "
                         "they must start at the junction). Use an Empty Latent of the map's size. " + HONEST_NOTE,
-            inputs=[
+            inputs=mark_advanced([
                 OT_MAP.Input("ot_map", tooltip="From DPM-OT Fit Map or DPM-OT Load Map."),
                 io.Combo.Input("finisher", options=list(FINISHERS), default="euler",
                                tooltip="Steps after the jump. euler / heun / dpmpp_2m / er_sde_ode_3 are "
@@ -460,15 +470,17 @@ class DPMOTSampler(io.ComfyNode):
                                tooltip="target: the stored noisy latent (faithful). renoise: its clean latent plus "
                                        "fresh noise at the junction (needs keep_clean). aeot_pair: AE-OT's blend of the "
                                        "two nearest cells when their angle is small, the only way to start from a "
-                                       "latent that is not a pool member."),
+                                       "latent that is not a pool member.", display_name="placement"),
                 io.Float.Input("angle_threshold", default=0.7, min=0.0, max=3.1416, step=0.01,
-                               tooltip="aeot_pair only: blend when the facet-normal angle (radians) is below this."),
+                               tooltip="aeot_pair only: blend when the facet-normal angle (radians) is below this.",
+                               display_name="angle threshold"),
                 io.Float.Input("pair_weight", default=0.75, min=0.5, max=1.0, step=0.01,
-                               tooltip="aeot_pair only: weight of the winning target in the blend (AE-OT: 0.75)."),
+                               tooltip="aeot_pair only: weight of the winning target in the blend (AE-OT: 0.75).",
+                               display_name="pair weight"),
                 io.Sampler.Input("finisher_sampler", optional=True,
                                  tooltip="Optional: any sampler (KSamplerSelect, a pack sampler node) to use as the "
                                          "finisher instead of the list above."),
-            ],
+            ], "placement", "angle_threshold", "pair_weight"),
             outputs=[io.Sampler.Output(tooltip="Connect to the sampler input of SamplerCustom(Advanced).")],
         )
 

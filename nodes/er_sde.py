@@ -5,7 +5,7 @@ from ..samplers.er_sde import (
     DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options,
     sample_er_sde,
 )
-from .comfy_io import CATEGORY, io
+from .comfy_io import CATEGORY, io, mark_advanced
 
 class ERSDESolverSampler(io.ComfyNode):
     @classmethod
@@ -19,50 +19,60 @@ class ERSDESolverSampler(io.ComfyNode):
                 "Works for epsilon, v-prediction and flow models. Plug into SamplerCustom or SamplerCustomAdvanced; "
                 "the random noise it adds follows the seed of that node."
             ),
-            inputs=[
+            inputs=mark_advanced([
                 io.Int.Input("order", default=3, min=1, max=3,
                              tooltip="Solver order. 3 is the most accurate per step; 1 is plain DDIM/Euler "
-                                     "(or Euler ancestral with reverse_sde)."),
+                                     "(or Euler ancestral with reverse_sde).", display_name="solver order"),
                 io.Combo.Input("noise_fn", options=list(NOISE_FUNCTIONS), default="sde_5",
                                tooltip="How much fresh noise each step adds. ode: none (sharp, deterministic); "
                                        "sde_5: noise mostly at the start, almost none at the end (the paper's "
                                        "default); reverse_sde: full ancestral noise (softer, more varied); "
-                                       "sde_1..sde_4: the paper's other curves; power: lam^p with your p."),
+                                       "sde_1..sde_4: the paper's other curves; power: lam^p with your p.",
+                               display_name="noise curve"),
                 io.Float.Input("eta", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Strength of the chosen noise curve: 0 turns any curve into the "
-                                       "deterministic ODE, 1 is the curve as published, above 1 adds more noise."),
+                                       "deterministic ODE, 1 is the curve as published, above 1 adds more noise.",
+                               display_name="noise amount (eta)"),
                 io.Float.Input("p", default=2.0, min=1.0, max=100.0, step=0.01,
                                tooltip="Exponent of the 'power' curve (phi = lam^p). 1 = ODE, 2 = reverse SDE; "
-                                       "ComfyUI's 'Reverse-time SDE' with eta e is p = 1 + e. Used only by 'power'."),
+                                       "ComfyUI's 'Reverse-time SDE' with eta e is p = 1 + e. Used only by 'power'.",
+                               display_name="power curve exponent"),
                 io.Float.Input("a", default=0.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Parameter of the sde_1 curve; above 1 it adds much more noise at high "
-                                       "noise levels. Used only by 'sde_1' (must not be 1)."),
+                                       "noise levels. Used only by 'sde_1' (must not be 1).",
+                               display_name="sde_1 curve parameter"),
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Multiplier on the added noise. Below 1 keeps more of the current image "
-                                       "each step (crisper, can look over-smoothed); 1 is the exact SDE."),
+                                       "each step (crisper, can look over-smoothed); 1 is the exact SDE.",
+                               display_name="noise scale"),
                 io.Combo.Input("noise", options=list(NOISE_KINDS), default="gaussian",
                                tooltip="gaussian: fresh random noise each step (same stream as ComfyUI's samplers). "
                                        "brownian: one noise path per seed, so changing the step count changes the "
-                                       "image less."),
+                                       "image less.", display_name="noise type"),
                 io.Combo.Input("derivatives", options=list(DERIVATIVES), default="corrected",
                                tooltip="corrected: a true 3rd-order solver (more accurate at the same steps). "
-                                       "paper: the published update, which is only 2nd order; for comparisons."),
+                                       "paper: the published update, which is only 2nd order; for comparisons.",
+                               display_name="derivatives"),
                 io.Combo.Input("quadrature", options=list(QUADRATURES), default="exact",
                                tooltip="exact: closed-form / Gauss-Legendre step coefficients. comfy_riemann: "
-                                       "ComfyUI's 200-point sums, to reproduce ComfyUI's er_sde."),
+                                       "ComfyUI's 200-point sums, to reproduce ComfyUI's er_sde.",
+                               display_name="step coefficients"),
                 io.Combo.Input("flow_start", options=list(FLOW_STARTS), default="exact",
                                tooltip="Flow models (SD3, Flux...) start from pure noise at sigma 1. exact: the "
-                                       "exact first step; comfy_offset: start just below 1 like ComfyUI's er_sde."),
+                                       "exact first step; comfy_offset: start just below 1 like ComfyUI's er_sde.",
+                               display_name="flow models: first step"),
                 io.Combo.Input("final_step", options=list(FINAL_STEPS), default="denoise",
                                tooltip="denoise: the last step returns the model's clean prediction (standard). "
                                        "extrapolate: extrapolates it to noise level 0 (helps when the schedule ends "
                                        "high). corrected (with the corrector): adds the corrector's last change. "
-                                       "The Schedule Calibrator picks the best for its schedule."),
+                                       "The Schedule Calibrator picks the best for its schedule.",
+                               display_name="last step"),
                 io.Boolean.Input("corrector", default=False, optional=True,
                                  tooltip="Deterministic (ode / eta 0) only: re-use each model evaluation to correct "
                                          "the step that led to it. One order more accurate at the same number of model "
-                                         "calls (the fs_er_sde_ode_3_unic preset)."),
-            ],
+                                         "calls (the fs_er_sde_ode_3_unic preset).",
+                                 display_name="corrector (deterministic only)"),
+            ], "p", "a", "derivatives", "quadrature", "flow_start"),
             outputs=[io.Sampler.Output(tooltip="Connect to the sampler input of SamplerCustom(Advanced).")],
         )
 

@@ -1,12 +1,20 @@
 """Small helper nodes for looking at what the pack's nodes produce."""
 from __future__ import annotations
 
-from .comfy_io import CATEGORY, io
+from .comfy_io import CATEGORY, io, ui
+from .sigma_plot import render
 
 
 def sigmas_ui(sigmas) -> dict:
-    """The ui payload web/fs_sigma_plot.js draws (any node of the pack can return it)."""
-    return {"fs_sigmas": [float(s) for s in sigmas.detach().cpu().flatten()]}
+    """What a node of the pack returns as ui for a SIGMAS output: the values ("fs_sigmas", for scripts and
+    the API) and the plot as an ordinary image preview (ComfyUI's temp folder), which every front end shows
+    below the node's widgets."""
+    import numpy as np
+    import torch
+
+    values = [float(s) for s in sigmas.detach().cpu().flatten()]
+    pixels = torch.from_numpy(np.asarray(render(values), dtype=np.float32) / 255.0)[None]
+    return {"fs_sigmas": values, **ui.PreviewImage(pixels).as_dict()}
 
 
 class PlotSigmas(io.ComfyNode):
@@ -17,7 +25,8 @@ class PlotSigmas(io.ComfyNode):
             display_name="Plot Sigmas",
             category=f"{CATEGORY}/schedules",
             description="Shows a SIGMAS schedule on the node as log(sigma) per step, with a Karras schedule of "
-                        "the same length and range for comparison. Passes the sigmas through unchanged.",
+                        "the same length and ends for comparison (an image preview: it appears after a Run). "
+                        "Passes the sigmas through unchanged.",
             inputs=[io.Sigmas.Input("sigmas", tooltip="Any schedule: from a scheduler node, SplitSigmas, or the "
                                                       "pack's optimizers.")],
             outputs=[io.Sigmas.Output(tooltip="The same sigmas, unchanged.")],

@@ -18,6 +18,7 @@ OUT = REPO / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 POSITIVE = "a lighthouse on a cliff at sunset, oil painting"
 NEGATIVE = "blurry, low quality"
+COLUMNS = 4  # node columns side by side before the graph wraps: opens readable at 100 % (<= ~1500 px wide)
 
 
 def _base(latent_size=512, batch=1) -> dict:
@@ -26,6 +27,17 @@ def _base(latent_size=512, batch=1) -> dict:
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": POSITIVE, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_size, "height": latent_size, "batch_size": batch}},
+    }
+
+
+def _folder_batch(folder: str) -> dict:
+    """A LATENT batch of every image in ComfyUI/input/<folder> with core nodes: Load Image Dataset from Folder
+    (one IMAGE batch, all stretched to the first one's size), Upscale Image to the model's 512 px, VAE Encode."""
+    return {
+        "10": {"class_type": "LoadImageSetFromFolderNode", "inputs": {"folder": folder, "resize_method": "Stretch"}},
+        "9": {"class_type": "ImageScale", "inputs": {"image": ["10", 0], "upscale_method": "lanczos", "width": 512,
+                                                     "height": 512, "crop": "center"}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["9", 0], "vae": ["1", 2]}},
     }
 
 
@@ -99,13 +111,13 @@ def dbim_edges_to_handbag() -> dict:
 
 
 def elbo_schedule() -> dict:
-    """ELBO Schedule Optimizer on a batch of your images (VAE-encoded), feeding SamplerCustom."""
+    """ELBO Schedule Optimizer on a batch of your images (a folder, VAE-encoded; measured under the positive
+    prompt), feeding SamplerCustom."""
     g = _base()
+    g.update(_folder_batch("my_images"))
     g.update({
-        "10": {"class_type": "LoadImage", "inputs": {"image": "my_images.png"}},
-        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "FS_ELBOScheduleOptimizer", "inputs": {
-            "model": ["1", 0], "latents": ["11", 0], "positive": ["3", 0], "steps": 10, "candidates": 250,
+            "model": ["1", 0], "latents": ["11", 0], "positive": ["2", 0], "steps": 10, "candidates": 250,
             "variance": "small", "decoder": "sigma", "seed": 0, "start_sigma": 0.0, "use_cache": True,
             "objective": "elbo"}},
         "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
@@ -118,12 +130,12 @@ def elbo_schedule() -> dict:
 
 
 def dpm_ot_pool_fit_sample() -> dict:
-    """DPM-OT: a pool from your images (VAE-encoded), the OT fit, a saved map, and sampling through the map
-    plus 5 finishing steps from the junction sigma (variations of pool members, not new compositions)."""
+    """DPM-OT: a pool from a folder of your images (16-64, VAE-encoded), the OT fit, a saved map, and sampling
+    through the map plus 5 finishing steps from the junction sigma (variations of pool members, not new
+    compositions)."""
     g = _base(batch=4)
+    g.update(_folder_batch("my_pool"))
     g.update({
-        "10": {"class_type": "LoadImage", "inputs": {"image": "my_images.png"}},
-        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "FS_DPMOTTargetsFromLatents", "inputs": {
             "model": ["1", 0], "latents": ["11", 0], "sigma_junction": 1.0, "seed": 0, "keep_clean": True}},
         "13": {"class_type": "FS_DPMOTFitMap", "inputs": {
@@ -297,10 +309,11 @@ def to_ui(prompt: dict, node_classes: dict) -> dict:
                     widgets.append("fixed")
         col = level(nid)
         height = 80 + 26 * (len(widgets) + len(inputs_ui)) + tall
-        top = rows.get(col, 40)
+        top = rows.get(col, 0)
         rows[col] = top + height + 40
         nodes_ui.append({
-            "id": int(nid), "type": prompt[nid]["class_type"], "pos": [40 + 360 * col, top],
+            "id": int(nid), "type": prompt[nid]["class_type"], "pos": [40 + 360 * (col % COLUMNS), top],
+            "band": col // COLUMNS,
             "size": [320, height], "flags": {}, "order": 0, "mode": 0,
             "inputs": inputs_ui, "outputs": [], "properties": {"Node name for S&R": prompt[nid]["class_type"]},
             "widgets_values": widgets,
@@ -310,11 +323,21 @@ def to_ui(prompt: dict, node_classes: dict) -> dict:
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         node["outputs"] = [{"name": n, "type": t, "links": out_links.get((str(node["id"]), k), []), "slot_index": k}
                            for k, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    band_top = 40  # bands of COLUMNS columns stacked downwards, each below the tallest column above it
+    for band in range(max(n["band"] for n in nodes_ui) + 1):
+        members = [n for n in nodes_ui if n["band"] == band]
+        for node in members:
+            node["pos"][1] += band_top
+        band_top = max(n["pos"][1] + n["size"][1] for n in members) + 80
+    for node in nodes_ui:
+        del node["band"]
     order = sorted(nodes_ui, key=lambda n: depth[str(n["id"])])
     for k, node in enumerate(order):
         node["order"] = k
     return {"last_node_id": max(int(i) for i in ids), "last_link_id": len(links), "nodes": nodes_ui,
-            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 1.0, "offset": [80, 40]}},  # opens at 100 %, top left: text readable
+            "version": 0.4}
 
 
 def write_json(path: Path, data: dict):

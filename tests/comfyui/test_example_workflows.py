@@ -97,8 +97,42 @@ def test_example_executes_on_the_weight_free_model(run_prompt, toy_bridge_model,
 
 @pytest.mark.parametrize("api", API_FILES, ids=[p.stem for p in API_FILES])
 def test_example_validates_unmodified(validate, api):
-    """With the user's model and image names the graph fails only on those missing files."""
+    """With the user's model, image and image-folder names the graph fails only on those missing files."""
     valid, error, node_errors = validate(json.loads(api.read_text()))
     problems = [e for n in node_errors.values() for e in n["errors"]]
     assert all(e["type"] in ("value_not_in_list", "custom_validation_failed")
-               and any(k in e["details"] for k in ("ckpt_name", "image")) for e in problems), problems
+               and any(k in e["details"] for k in ("ckpt_name", "image", "folder")) for e in problems), problems
+
+
+def test_pool_and_data_examples_load_a_folder_as_one_batch():
+    """DPM-OT and the ELBO optimizer need a batch of images: their examples encode a whole input folder, and
+    the ELBO probe is measured under the positive prompt (not the negative one)."""
+    for name in ("fs_dpm_ot_pool_fit_sample", "fs_elbo_schedule"):
+        prompt = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
+        kinds = {n["class_type"] for n in prompt.values()}
+        assert "LoadImageSetFromFolderNode" in kinds and "LoadImage" not in kinds, name
+    elbo = json.loads((EXAMPLES / "api" / "fs_elbo_schedule.json").read_text())
+    optimizer = next(n for n in elbo.values() if n["class_type"] == "FS_ELBOScheduleOptimizer")
+    sampler = next(n for n in elbo.values() if n["class_type"] == "SamplerCustom")
+    assert optimizer["inputs"]["positive"] == sampler["inputs"]["positive"]
+
+
+def test_examples_open_readable():
+    """Laid out at most ~1600 px wide, so they open at 100 % with their text readable."""
+    for path in sorted(EXAMPLES.glob("*.json")):
+        nodes = json.loads(path.read_text())["nodes"]
+        assert max(n["pos"][0] + n["size"][0] for n in nodes) - min(n["pos"][0] for n in nodes) <= 1600, path.name
+
+
+def test_a_pool_of_one_latent_is_refused_with_its_count(execution_error):
+    prompt = {
+        "1": {"class_type": "FSTest_WeightFreeModel", "inputs": {"prediction": "eps"}},
+        "2": {"class_type": "FSTest_GaussianLatents", "inputs": {"batch": 1, "mu": 0.5, "s": 0.1, "seed": 0}},
+        "3": {"class_type": "FS_DPMOTTargetsFromLatents", "inputs": {
+            "model": ["1", 0], "latents": ["2", 0], "sigma_junction": 1.0, "seed": 0, "keep_clean": True}},
+        "4": {"class_type": "FS_DPMOTFitMap", "inputs": {"targets": ["3", 0], "iterations": 10, "seed": 0,
+                                                         "device": "cpu", "resume": False}},
+        "5": {"class_type": "FS_DPMOTSaveMap", "inputs": {"ot_map": ["4", 0], "filename_prefix": "tests/one"}},
+    }
+    message = execution_error(prompt)
+    assert "at least 2 targets" in message and "got a LATENT batch of 1" in message, message
