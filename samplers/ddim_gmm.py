@@ -129,19 +129,18 @@ def plan_ddim_gmm(sigmas, schedule: NoiseSchedule, dim: int, eta=0.0, eta_conven
 
 
 def make_directions(dim: int, components: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """K orthonormal directions [K, D] on ``device`` from their own seed (Cholesky-QR in float64
-    of a K x K Gram matrix; no D x D matrix, no host copy)."""
+    """K orthonormal directions [K, D] in ``dtype`` on ``device`` from their own seed (Cholesky-QR:
+    the K x K Gram matrix factored in float64; no D x D matrix, no host copy of a K x D one)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if components * dim <= _DENSE_DIRECTIONS_MAX:
-        raw = torch.randn(components, dim, device=device, dtype=torch.float64, generator=generator)
+        raw = torch.randn(components, dim, device=device, dtype=dtype, generator=generator)
     else:  # K shifts of one Gaussian vector, spread over the latent (near-orthogonal in large D)
         one = torch.randn(dim, device=device, dtype=dtype, generator=generator)
         raw = torch.stack([torch.roll(one, k * (dim // components)) for k in range(components)])
-    gram = raw.to(torch.float64) @ raw.to(torch.float64).T
-    chol = torch.linalg.cholesky_ex(gram).L
-    inverse = torch.linalg.solve_triangular(chol, torch.eye(components, dtype=torch.float64, device=device), upper=False)
-    return (inverse.to(raw.dtype) @ raw).to(dtype)
+    chol = torch.linalg.cholesky_ex((raw @ raw.T).to(torch.float64)).L
+    eye = torch.eye(components, dtype=torch.float64, device=device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).to(dtype) @ raw
 
 
 def mixture_noise(step: GMMStep, directions: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -173,8 +172,8 @@ def sample_ddim_gmm(model, x, sigmas, extra_args=None, callback=None, disable=No
     ``offset_seed``; noise and component picks from extra_args['seed']."""
     extra_args = {} if extra_args is None else extra_args
     if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError("DDIM-GMM: the latent batch is empty (shape "
-                         f"{tuple(x.shape)}); give the sampler a latent with at least one sample.")
+        raise ValueError("DDIM-GMM (DDIM-GMM Sampler node / fs_ddim_* KSampler entries): the latent batch is empty "
+                         f"(shape {tuple(x.shape)}); connect a latent with at least one sample (batch_size >= 1).")
     schedule, sig, s_in = setup_run(model, x, sigmas, "DDIM-GMM", parametrization)
     batch, dim = x.shape[0], x[0].numel()
     plan = plan_ddim_gmm(sig, schedule, dim, eta, eta_convention, components, scale, scale_units, offsets, covariance,

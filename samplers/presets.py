@@ -15,8 +15,12 @@ PRESET_OPTIONS = {
     **{PREFIX + name: (sample_er_sde, options) for name, options in ER_SDE_PRESETS.items()},
     # ComfyUI's own "ddim" entry is plain Euler; this one is DDIM with eta = 0.5 (Gaussian kernel).
     "fs_ddim_eta": (sample_ddim_gmm, {"eta": 0.5, "components": 1}),
-    # the paper's main setting: eta = 0, 8 orthogonal offsets, clipped variance bound, scale 1
-    "fs_ddim_gmm": (sample_ddim_gmm, {"eta": 0.0, "components": 8, "scale": 1.0, "covariance": "vub"}),
+    # Until this version fs_ddim_gmm was the paper's eta = 0 setting (8 offsets, vub, scale 1 in VP units):
+    # measured 36-83% of the samples between modes on the exact models (benchmarks/results/ddim_gmm.md), so
+    # the name now runs the exactly moment-matched mixture at eta 0.5; saved workflows keep working. The
+    # paper's setting stays a node option (DDIM-GMM Sampler, covariance vub).
+    "fs_ddim_gmm": (sample_ddim_gmm, {"eta": 0.5, "components": 8, "scale": 0.9, "scale_units": "relative",
+                                      "covariance": "strict"}),
     # exact moment matching at eta = 1
     "fs_ddim_gmm_strict": (sample_ddim_gmm, {"eta": 1.0, "components": 8, "scale": 0.9, "scale_units": "relative",
                                              "covariance": "strict"}),
