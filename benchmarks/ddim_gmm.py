@@ -106,22 +106,24 @@ def quality(rows, models, steps_list, seeds, n):
     return results, floor
 
 
-def step_costs(rows, shape, steps=10, repeats=3):
-    """Seconds per step of every row with an identity model on a latent of ``shape`` (VE, karras)."""
+def step_costs(rows, shape, steps=20, repeats=5):
+    """Seconds per step of every row with an identity model on a latent of ``shape`` (VE, karras),
+    one-time work (plan, offset directions, picks) included; each row warmed up once, then the
+    rows interleaved ``repeats`` times (best kept), so a busy machine slows all of them alike."""
     ms = model_sampling("ve")
     model = ComfyModel(lambda x, sigma: x, ms)
     sigmas = schedule(ms, "karras", steps).to(torch.float32)
     x = torch.randn(*shape)
-    out = {}
-    for row, (fn, options) in rows.items():
-        fn(model, x, sigmas.clone(), extra_args={"seed": 0}, disable=True, **options)  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
+    call = lambda fn, options: fn(model, x, sigmas.clone(), extra_args={"seed": 0}, disable=True, **options)  # noqa: E731
+    for fn, options in rows.values():
+        call(fn, options)  # warm-up
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(repeats):
+        for row, (fn, options) in rows.items():
             t0 = time.perf_counter()
-            fn(model, x, sigmas.clone(), extra_args={"seed": 0}, disable=True, **options)
-            best = min(best, time.perf_counter() - t0)
-        out[row] = best / steps
-    return out
+            call(fn, options)
+            best[row] = min(best[row], time.perf_counter() - t0)
+    return {row: seconds / steps for row, seconds in best.items()}
 
 
 def measured_covariance(n=100_000, dim=32, K=8):
@@ -199,8 +201,9 @@ def main(argv=None):
               *measured_covariance()]
     if not args.no_timing:
         timed = {k: v for k, v in rows.items() if not k.startswith("mode ") or "vp 0.1" not in k}
-        lines += ["", "## Cost per step (identity model, VE karras 10 steps, warm-up first, best of 3)", "",
-                  "Ratios to ComfyUI's euler in the same run.", "", "| sampler | [4, 4, 64, 64] | [1, 16, 128, 128] |",
+        lines += ["", "## Cost per step (identity model, VE karras 20 steps, warm-up first, rows interleaved, best of 5)", "",
+                  "Ratios to ComfyUI's euler in the same run; one-time work (offset directions, picks) is included, spread "
+                  "over the 20 steps.", "", "| sampler | [4, 4, 64, 64] | [1, 16, 128, 128] |",
                   "|---|---|---|"]
         costs = [step_costs(timed, shape) for shape in ((4, 4, 64, 64), (1, 16, 128, 128))]
         for row in timed:

@@ -39,8 +39,8 @@ OFFSETS = ("ortho", "rand")
 COVARIANCES = ("auto", "strict", "diag", "vub")
 SCALE_UNITS = ("vp", "relative")
 ON_INFEASIBLE = ("clamp", "error")
-# Above this many numbers the K directions are cyclic shifts of one Gaussian vector (one noise
-# draw instead of K), orthonormalised exactly; below it K independent Gaussian vectors.
+# Above this many numbers (and when K divides D) the K directions are cyclic shifts of one Gaussian
+# vector (one noise draw instead of K), orthonormalised exactly; otherwise K independent Gaussian vectors.
 _DENSE_DIRECTIONS_MAX = 1 << 17
 
 
@@ -133,13 +133,23 @@ def make_directions(dim: int, components: int, seed: int, device=None, dtype=tor
     the K x K Gram matrix factored in float64; no D x D matrix, no host copy of a K x D one)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    if components * dim <= _DENSE_DIRECTIONS_MAX:
-        raw = torch.randn(components, dim, device=device, dtype=dtype, generator=generator)
-    else:  # K shifts of one Gaussian vector, spread over the latent (near-orthogonal in large D)
-        one = torch.randn(dim, device=device, dtype=dtype, generator=generator)
-        raw = torch.stack([torch.roll(one, k * (dim // components)) for k in range(components)])
-    chol = torch.linalg.cholesky_ex((raw @ raw.T).to(torch.float64)).L
     eye = torch.eye(components, dtype=torch.float64, device=device)
+    if components * dim > _DENSE_DIRECTIONS_MAX and dim % components == 0:
+        # K shifts by multiples of D/K of one Gaussian vector g: their Gram matrix is circulant, so is its
+        # inverse square root C, and C @ rows is again K shifts of one vector h = sum_j C[0, j] shift_j(g):
+        # exactly orthonormal for the cost of a few passes over D.
+        step = dim // components
+        g = torch.randn(dim, device=device, dtype=dtype, generator=generator)
+        lags = torch.stack([torch.dot(g, torch.roll(g, k * step)) for k in range(components)]).to(torch.float64)
+        gram = lags[(torch.arange(components, device=device)[None, :] - torch.arange(components, device=device)[:, None])
+                    % components]
+        lam, vec = torch.linalg.eigh(gram)
+        first_row = (vec[0] * lam.clamp(min=1e-300).rsqrt()) @ vec.T
+        shifts = torch.stack([torch.roll(g, j * step) for j in range(components)])
+        h = first_row.to(dtype) @ shifts
+        return torch.stack([torch.roll(h, i * step) for i in range(components)])
+    raw = torch.randn(components, dim, device=device, dtype=dtype, generator=generator)
+    chol = torch.linalg.cholesky_ex((raw @ raw.T).to(torch.float64)).L
     return torch.linalg.solve_triangular(chol, eye, upper=False).to(dtype) @ raw
 
 
