@@ -129,8 +129,10 @@ def plan_ddim_gmm(sigmas, schedule: NoiseSchedule, dim: int, eta=0.0, eta_conven
 
 
 def make_directions(dim: int, components: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """K orthonormal directions [K, D] in ``dtype`` on ``device`` from their own seed (Cholesky-QR:
-    the K x K Gram matrix factored in float64; no D x D matrix, no host copy of a K x D one)."""
+    """K orthonormal directions [K, D] in ``dtype`` on ``device`` from their own seed: K Gaussian
+    vectors orthonormalised by Cholesky-QR (the K x K Gram matrix factored in float64), or for
+    large latents K shifts of one Gaussian vector (below). No D x D matrix, nothing copied from
+    the host."""
     device = torch.device("cpu") if device is None else torch.device(device)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     eye = torch.eye(components, dtype=torch.float64, device=device)
