@@ -15,34 +15,42 @@ class DDIMGMMSampler(io.ComfyNode):
             display_name="DDIM-GMM Sampler",
             category=f"{CATEGORY}/ddim_gmm",
             description=(
-                "DDIM whose random step is a mixture of K Gaussians with the same mean and covariance as DDIM's "
-                "(Gabbur). components = 1 is a true eta-DDIM. With covariance 'strict' the image statistics match "
-                "DDIM exactly; the paper's gains at eta = 0 come from 'vub', which adds a small random jump each step."
+                "DDIM whose random step is a mixture of K Gaussians (Gabbur). components = 1 is a true eta-DDIM. "
+                "covariance 'strict' keeps DDIM's step mean and covariance exactly (the safe choice, used by the "
+                "fs_ddim_gmm presets); 'vub' and 'diag' are the paper's rules and add extra random jumps that, at "
+                "scale ~1 in vp units, push samples between modes (measured in docs/ddim_gmm.md)."
             ),
             inputs=[
-                io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Randomness of each step: 0 = deterministic DDIM path (plus GMM jumps with "
-                                       "'vub'), 1 = fully ancestral (DDPM-like, softer, more varied)."),
+                io.Float.Input("eta", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Randomness of each step: 0 = deterministic DDIM (strict then is plain DDIM; "
+                                       "vub/diag add their jumps), 1 = fully ancestral (DDPM-like)."),
                 io.Combo.Input("eta_convention", options=list(ETA_CONVENTIONS), default="ddim",
                                tooltip="ddim: eta as in DDIM / Euler ancestral. rfim: the paper's rectified-flow "
                                        "convention (eta = 1 re-draws all the noise each step)."),
                 io.Int.Input("components", default=8, min=1, max=1024,
-                             tooltip="Number of mixture components K. 1 = plain Gaussian DDIM; the paper uses 8."),
-                io.Float.Input("scale", default=1.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="Size of the offsets between components. Larger = bigger random jumps "
-                                       "between variations; 0 turns the mixture off."),
-                io.Combo.Input("scale_units", options=list(SCALE_UNITS), default="vp",
-                               tooltip="vp: the paper's units (absolute, about 1 for SD latents). relative: a "
-                                       "fraction (0-1) of the largest scale that keeps DDIM's statistics exact."),
+                             tooltip="Number of mixture components K (capped at the latent size). 1 = plain "
+                                     "Gaussian DDIM; the paper uses 8."),
+                io.Float.Input("scale", default=0.9, min=0.0, max=100.0, step=0.01,
+                               tooltip="Size of the offsets between components; 0 turns the mixture off. In vp units "
+                                       "with vub/diag, values near 1 (the paper's) leave visible jumps in the image "
+                                       "and mix modes; keep it <= 0.1 there or use relative units."),
+                io.Combo.Input("scale_units", options=list(SCALE_UNITS), default="relative",
+                               tooltip="relative: a fraction (0-1) of the largest offset that keeps DDIM's step "
+                                       "statistics exact (follows the noise level, vanishes at eta = 0). vp: the "
+                                       "paper's absolute units, the same size at every noise level."),
                 io.Combo.Input("offsets", options=list(OFFSETS), default="ortho",
-                               tooltip="How offset directions are drawn: ortho (orthogonal, the paper's best) or "
-                                       "rand (random Gaussian directions)."),
-                io.Combo.Input("covariance", options=list(COVARIANCES), default="auto",
-                               tooltip="strict: exact moment matching (image statistics identical to DDIM). diag: "
-                                       "the paper's ORTHO rule. vub: the paper's ORTHO-VUB (adds extra variance; the "
-                                       "source of its eta = 0 gains). auto: strict when eta > 0, vub at eta = 0."),
+                               tooltip="Offset directions: orthonormal random directions, one set per run. 'rand' is "
+                                       "kept for old workflows and gives the same directions."),
+                io.Combo.Input("covariance", options=list(COVARIANCES), default="strict",
+                               tooltip="strict: exact moment matching (the step's mean and covariance are DDIM's). "
+                                       "vub: the paper's ORTHO-VUB, its eigenvalue bound taken off along the offsets "
+                                       "(one direction short of variance; clipped, so at large scale or eta = 0 it "
+                                       "adds variance). diag: the paper's ORTHO rule along the offsets (right "
+                                       "variance per offset direction, wrong cross terms). auto: strict if eta > 0, "
+                                       "else vub."),
                 io.Boolean.Input("share_across_steps", default=False,
-                                 tooltip="Use one set of offset directions for every step (the paper's VUB*)."),
+                                 tooltip="Use the same offset directions at every step (the paper's VUB*); off = a "
+                                         "shifted copy per step."),
                 io.Int.Input("offset_seed", default=0, min=0, max=0xFFFFFFFF,
                              tooltip="Seed of the offset directions (the noise itself follows the sampler node's seed)."),
                 io.Int.Input("skip_last_offsets", default=0, min=0, max=1000,
