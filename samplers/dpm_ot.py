@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .classic import sample_dpmpp_2m, sample_euler, sample_heun
-from .common import check_inputs, gaussian_noise_sampler
+from .common import check_inputs, seeded_noise_sampler
 from .er_sde import PRESETS as ER_SDE_PRESETS
 from .er_sde import sample_er_sde
 from .schedule import (
@@ -572,7 +572,7 @@ def place(ot_map: OTMap, noise: torch.Tensor, schedule: NoiseSchedule, placement
     restoring the noise level; otherwise the target itself."""
     if placement not in PLACEMENTS:
         raise ValueError(f"DPM-OT sampler: unknown placement {placement!r}; choose one of {PLACEMENTS}.")
-    fresh = gaussian_noise_sampler(noise, None if seed is None else int(seed) + PLACEMENT_SEED_OFFSET)
+    fresh = seeded_noise_sampler(noise, None if seed is None else int(seed) + PLACEMENT_SEED_OFFSET)
     targets = ot_map.targets.to(noise.device)
     s_j = float(schedule.s(torch.tensor(ot_map.sigma_junction, dtype=torch.float64)))
     if placement != "aeot_pair":
