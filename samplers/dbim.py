@@ -213,9 +213,11 @@ def interpolate_dbim(denoiser, x_T: torch.Tensor, eps_a: torch.Tensor, eps_b: to
 
 
 def _drift(schedule: BridgeSchedule, ts, stochastic: bool):
-    """Weights (P, Q, R) of d = P x + Q x_T + R D for DDBM's drift at times ts:
-    d = f x - g^2 (m s - h), s = -(x - a x_T - b D)/c^2, h = -(x - (alpha/alpha_T) x_T)/(alpha rho_bar)^2,
-    m = 1 (reverse SDE) or 1/2 (probability-flow ODE); dt already scaled (i2sb: x 999)."""
+    """Weights (P, S, R, g^2) of DDBM's drift at times ts written around x_T: d = P (x - x_T) + S x_T + R D,
+    from d = f x - g^2 (m s - h), s = -(x - a x_T - b D)/c^2, h = -(x - (alpha/alpha_T) x_T)/(alpha rho_bar)^2,
+    m = 1 (reverse SDE) or 1/2 (probability-flow ODE); dt already scaled (i2sb: x 999). Near T, P ~ -5000
+    multiplies x and the x_T weight P + Q ~ +5000 nearly cancels it: S = P + Q is formed here in float64,
+    so a float32 latent only ever meets P through the small x - x_T."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     f, g2 = schedule.f_g2(ts)
     alpha, _, rho_bar = schedule.alpha_rho(ts)
@@ -225,7 +227,7 @@ def _drift(schedule: BridgeSchedule, ts, stochastic: bool):
     P = f + g2 * (m / c**2 - inv_h)
     Q = -g2 * m * a / c**2 + g2 * (alpha / schedule.alpha_T) * inv_h
     R = -g2 * m * b / c**2
-    return P.tolist(), Q.tolist(), R.tolist(), g2.tolist()
+    return P.tolist(), (P + Q).tolist(), R.tolist(), g2.tolist()
 
 
 @torch.no_grad()
@@ -234,7 +236,8 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
                      mask=None, callback=None, disable=None) -> torch.Tensor:
     """DDBM's hybrid sampler: per step an Euler-Maruyama step of the bridge SDE over a fraction
     ``churn_step_ratio`` of the step, then a Heun step of the probability-flow ODE (Euler on the
-    last step, to t = 0). Starts at x = x_T; NFE = 3 steps - 1 (churn > 0) or 2 steps - 1."""
+    last step, to t = 0). Starts at x = x_T; NFE = 3 steps - 1 (churn > 0) or 2 steps - 1.
+    The state is carried as u = x - x_T (the drift's large weights act on it; see ``_drift``)."""
     if not 0.0 <= churn_step_ratio < 1.0:
         raise ValueError(f"DDBM Heun: churn_step_ratio must be in [0, 1), got {churn_step_ratio}.")
     ts = schedule.heun_grid(int(steps), rho).tolist()
@@ -247,32 +250,35 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
     denoiser = _masked(denoiser, mask)
     if noise_sampler is None and churn:
         noise_sampler = row_seeded_noise(seed, x_T)
-    x = x_T
+    u = torch.zeros_like(x_T)
     call = 0
     for i in progress(len(ts) - 1, disable):
         t, t_hat, t_next = ts[i], t_hats[i], ts[i + 1]
         if churn:
+            x = x_T + u
             x0 = denoiser(x, _times(x, t), x_T)
             report(callback, call, x, t, x0)
             call += 1
             dt = (t_hat - t) * scale
-            x = x + (sde[0][i] * x + sde[1][i] * x_T + sde[2][i] * x0) * dt \
+            u = u + (sde[0][i] * u + sde[1][i] * x_T + sde[2][i] * x0) * dt \
                 + (math.sqrt(abs(dt) * sde[3][i]) * noise_sampler())
+        x = x_T + u
         x0 = denoiser(x, _times(x, t_hat), x_T)
         report(callback, call, x, t_hat, x0)
         call += 1
         dt = (t_next - t_hat) * scale
-        d1 = ode_hat[0][i] * x + ode_hat[1][i] * x_T + ode_hat[2][i] * x0
+        d1 = ode_hat[0][i] * u + ode_hat[1][i] * x_T + ode_hat[2][i] * x0
         if t_next == 0.0:
-            x = x + d1 * dt
+            u = u + d1 * dt
             continue
-        x_pred = x + d1 * dt
+        u_pred = u + d1 * dt
+        x_pred = x_T + u_pred
         x0 = denoiser(x_pred, _times(x, t_next), x_T)
         report(callback, call, x_pred, t_next, x0)
         call += 1
-        d2 = ode_next[0][i] * x_pred + ode_next[1][i] * x_T + ode_next[2][i] * x0
-        x = x + 0.5 * (d1 + d2) * dt
-    return x
+        d2 = ode_next[0][i] * u_pred + ode_next[1][i] * x_T + ode_next[2][i] * x0
+        u = u + 0.5 * (d1 + d2) * dt
+    return x_T + u
 
 
 # ---- the network denoiser ------------------------------------------------------------------------
