@@ -35,15 +35,28 @@ def check_data_latents(latents: torch.Tensor, who: str = "Schedule optimizer") -
                          "feed VAE-encoded images of the kind you want to generate.")
 
 
+def probe_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Checked data latents in at least float32 (the model gets float32 inputs; ComfyUI casts them to the
+    network's dtype itself). Probed in float16 through ComfyUI, every error came back NaN and the schedule
+    repeated one sigma."""
+    check_data_latents(latents)
+    return latents.to(torch.promote_types(latents.dtype, torch.float32))
+
+
+def probe_noise(latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """The probe's common noise: a CPU generator seeded ``seed`` in float64 (device independent)."""
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    return eps.to(latents.device, latents.dtype)
+
+
 @torch.no_grad()
 def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule, seed: int = 0,
               callback=None, extra_args: dict | None = None) -> torch.Tensor:
     """Per-sample squared denoising error ||x0 - D(x_sigma, sigma)||^2, [N, G] float64: exactly one
     model call per candidate for the whole batch, with the same noise at every candidate (common
     random numbers). ``callback(j, G)`` after each candidate (progress / interruption)."""
-    check_data_latents(latents)
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-    eps = eps.to(latents.device, latents.dtype)
+    latents = probe_latents(latents)
+    eps = probe_noise(latents, seed)
     tab = schedule.coefficients(grid)
     ones = latents.new_ones(latents.shape[0])
     errors = []
@@ -65,11 +78,10 @@ def probe_local_error(model, latents: torch.Tensor, grid: torch.Tensor, schedule
     with ``substeps`` log-lambda-uniform steps between neighbouring candidates. One reference walk from each
     candidate records every lower candidate: about G^2 / 2 * substeps model calls (batched over latents).
     Errors of earlier steps do not propagate in this cost. [G + 1, G + 1] float64, node order as cost_matrix."""
-    check_data_latents(latents)
+    latents = probe_latents(latents)
     if substeps < 1:
         raise ValueError("local_error: substeps must be >= 1.")
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-    eps = eps.to(latents.device, latents.dtype)
+    eps = probe_noise(latents, seed)
     g = torch.as_tensor(grid, dtype=torch.float64)
     nodes = len(g) + 1
     fine = schedule.coefficients(_fine_grid(g, schedule, substeps))  # node j (grid[j-1]) at (j - 1) * substeps
