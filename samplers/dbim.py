@@ -354,38 +354,60 @@ METADATA_KEY = "fs_bridge_preset"
 
 
 def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePreset:
-    """The preset stored in our safetensors metadata, else the released checkpoint with this structure,
-    else a custom preset from the inferred structure (label_emb -> ImageNet-style i2sb inpainting with
-    legacy attention, otherwise a VP translation model with the DDBM attention order)."""
-    from .adm_unet import infer_adm_config, matching_preset
+    """The preset stored in our safetensors metadata, else the preset (a released checkpoint or the toy
+    model) with this structure, else a custom preset from the inferred structure (label_emb -> ImageNet-style
+    i2sb inpainting with legacy attention, otherwise a VP translation model with the DDBM attention order)."""
+    from dataclasses import replace
+
+    from .adm_unet import infer_adm_config
     from .bridge import SCHEDULE_PRESETS
 
     if metadata and METADATA_KEY in metadata:
         return BridgePreset.from_json(metadata[METADATA_KEY])
     config = infer_adm_config(state_dict)
-    name = matching_preset(config)
-    if name is not None:
-        return BRIDGE_PRESETS[name]
+    for preset in BRIDGE_PRESETS.values():  # image size, attention order and head width are not in the weights
+        known = preset.adm
+        if replace(config, image_size=known.image_size, attention_order=known.attention_order,
+                   num_head_channels=known.num_head_channels, dropout=known.dropout) == known:
+            return preset
     inpaint = config.num_classes is not None
     return BridgePreset("custom", config, SCHEDULE_PRESETS["i2sb" if inpaint else "vp"],
                         "inpaint" if inpaint else "translate")
 
 
-def load_bridge_checkpoint(path: str):
+def load_bridge_checkpoint(path: str, who: str = "Bridge Model Loader"):
     """(state_dict, metadata) from .safetensors or a .pt / .pth of plain tensors (weights_only=True:
-    never arbitrary pickle). Accepts {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes."""
-    path = str(path)
-    if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
+    never arbitrary pickle). Accepts {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes.
+    An unreadable file raises ValueError naming ``who`` and the file; none suggests an unsafe load."""
+    import os
+    import pickle
 
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    path = str(path)
+    name = os.path.basename(path)
+    if path.lower().endswith((".safetensors", ".sft")):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{who}: {name} is not a readable safetensors file ({err}). It is probably truncated "
+                             "or damaged (an interrupted download?): download or copy it again.") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{who}: {name} stores Python objects besides tensors, and the loader only reads "
+                         "plain tensors, since unpickling other objects can run code from the file. Use a "
+                         "checkpoint that holds only a state dict (the released DDBM / DBIM .pt files do) or a "
+                         ".safetensors file.") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{who}: {name} is not a readable PyTorch checkpoint ({err}). It is probably truncated "
+                         "or damaged: download or copy it again.") from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a DDBM / DBIM UNet state dict).")
+        raise ValueError(f"{who}: {name} holds no state dict of tensors (a DDBM / DBIM UNet checkpoint).")
     return {k.removeprefix("module."): v for k, v in sd.items()}, {}
 
 

@@ -10,7 +10,7 @@ from sync_counter import CountSyncs
 from comfyui_fast_samplers.samplers.bridge import (
     SCHEDULE_PRESETS, BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe,
 )
-from comfyui_fast_samplers.samplers.adm_unet import build_adm_unet
+from comfyui_fast_samplers.samplers.adm_unet import build_adm_unet, infer_adm_config
 from comfyui_fast_samplers.samplers.bridge_testbed import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, solve_bridge_ode, toy_pairs,
 )
@@ -540,9 +540,15 @@ def test_checkpoint_files_round_trip(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in conv2d.items()}}, pt)
     loaded, meta_pt = load_bridge_checkpoint(pt)
     assert meta_pt == {} and loaded.keys() == sd.keys()
-    custom = detect_preset(loaded)  # structure alone: head width and image size are not in the weights
-    assert custom.name == "custom" and custom.schedule == preset.schedule
-    assert custom.adm == replace(preset.adm, image_size=None, num_head_channels=64)
+    assert detect_preset(loaded) == preset  # the structure is the toy preset's
+    # preset "custom": image size unknown, the head width inferred (one 32-channel head; 64 did not divide)
+    custom = infer_adm_config(loaded)
+    assert custom == replace(preset.adm, image_size=None)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.7])
+    nets = [BridgeDenoiser(build_adm_unet(cfg, state, dtype=torch.float32), preset.schedule)
+            for cfg, state in ((custom, loaded), (preset.adm, sd))]
+    assert torch.equal(nets[0](x, t, x), nets[1](x, t, x))
     out = tmp_path / "model.safetensors"
     assert save_bridge_safetensors(loaded, str(out), preset)
     assert not save_bridge_safetensors({}, str(out), preset)  # exists: untouched
@@ -550,6 +556,30 @@ def test_checkpoint_files_round_trip(tmp_path):
     assert detect_preset(again, meta2) == preset
     assert all(torch.equal(again[k], sd[k]) for k in sd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.safetensors"]  # no temp files left
-    torch.save({"x": [1, 2]}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="dict of tensors"):
-        load_bridge_checkpoint(tmp_path / "evil.pt")
+    torch.save({"x": [1, 2]}, tmp_path / "lists.pt")
+    with pytest.raises(ValueError, match="lists.pt holds no state dict of tensors"):
+        load_bridge_checkpoint(tmp_path / "lists.pt")
+
+
+class _Pickled:  # any class: weights_only loading refuses it
+    pass
+
+
+def test_unreadable_checkpoints_give_the_loaders_message(tmp_path):
+    """A truncated safetensors or .pt file and a pickle of Python objects: a ValueError naming the node and
+    the file, never torch's hint to load with weights_only=False."""
+    blob = TOY_ASSET.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[: len(blob) // 3])
+    header = tmp_path / "header.safetensors"
+    header.write_bytes(blob[:5])
+    torch.save({"w": torch.ones(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    torch.save({"weight": torch.ones(2), "extra": _Pickled()}, tmp_path / "objects.pt")
+    for name, match in (("cut.safetensors", "truncated"), ("header.safetensors", "truncated"),
+                        ("cut.pt", "truncated"), ("objects.pt", "only reads plain tensors")):
+        with pytest.raises(ValueError) as info:
+            load_bridge_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"Bridge Model Loader: {name} ") and match in message, message
+        assert "weights_only" not in message and info.value.__cause__ is None, message
