@@ -42,6 +42,13 @@ def row_seeded_noise(seed: int, like: torch.Tensor):
     return draw
 
 
+def check_finite(x: torch.Tensor, who: str, what: str = "condition image") -> None:
+    """One host read before a run: NaN or infinity in an input would come out as a NaN image, silently."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{who}: the {what} contains NaN or infinity; check the nodes that made it (a failed "
+                         "decode, a division by zero in an image operation).")
+
+
 def slerp(eps_a: torch.Tensor, eps_b: torch.Tensor, weight: float) -> torch.Tensor:
     """Spherical interpolation per sample (flattened); linear where the two are (nearly) parallel."""
     dtype = _time_dtype(eps_a)
@@ -176,6 +183,7 @@ def sample_dbim(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, steps: in
     when None (default: per-row generators seeded seed + i; the booting noise is their first draw,
     eta noise the following draws). ``mask`` [B,1,H,W] (1 = regenerate) for inpainting models.
     ``order`` 2, 3: high-order DBIM (eta must be 0). Returns x at t_min (not clamped)."""
+    check_finite(x_T, "DBIM")
     ts = _grid(schedule, steps, ts, spacing)
     plan = plan_dbim(schedule, ts, eta, order, lower_order_final)
     denoiser = _masked(denoiser, mask)
@@ -194,6 +202,8 @@ def encode_dbim(denoiser, x_0: torch.Tensor, x_T: torch.Tensor, schedule: Bridge
                 steps: int | None = None, *, order: int = 1, spacing: str = "uniform_t", ts=None, mask=None,
                 callback=None, disable=None) -> torch.Tensor:
     """The booting noise whose eta = 0 DBIM decode is x_0 (inversion on the same grid, NFE = steps + 1)."""
+    check_finite(x_T, "DBIM encode")
+    check_finite(x_0, "DBIM encode", "target image")
     ts = _grid(schedule, steps, ts, spacing)
     plan = plan_dbim(schedule, ts.flip(0), 0.0, order)
     denoiser = _masked(denoiser, mask)
@@ -240,6 +250,7 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
     The state is carried as u = x - x_T (the drift's large weights act on it; see ``_drift``)."""
     if not 0.0 <= churn_step_ratio < 1.0:
         raise ValueError(f"DDBM Heun: churn_step_ratio must be in [0, 1), got {churn_step_ratio}.")
+    check_finite(x_T, "DDBM Heun")
     ts = schedule.heun_grid(int(steps), rho).tolist()
     scale = schedule.heun_time_scale
     churn = churn_step_ratio > 0

@@ -196,6 +196,20 @@ def path_sigmas(grid: torch.Tensor, path: list[int]) -> torch.Tensor:
     return torch.tensor([0.0 if j == 0 else float(grid[j - 1]) for j in path], dtype=torch.float32)
 
 
+def start_node(grid: torch.Tensor, start_sigma: float | None, steps: int, who: str = "Schedule optimizer") -> int:
+    """The node the schedule starts from: the candidate nearest ``start_sigma`` (None or 0: the largest).
+    Refuses a start below the smallest candidate or with fewer candidates at or below it than steps."""
+    if start_sigma is None or start_sigma <= 0:
+        return len(grid)
+    smallest = float(grid[0])
+    start = int(torch.argmin((grid - start_sigma).abs())) + 1
+    if start_sigma < smallest * (1 - 1e-6) or start < steps:
+        raise ValueError(f"{who}: start_sigma {start_sigma:.4g} leaves {start} of the candidate noise levels "
+                         f"({smallest:.4g} ... {float(grid[-1]):.4g}) at or below it, and {steps} steps need "
+                         f"{steps}; raise start_sigma (0 = the model's largest sigma) or lower steps.")
+    return start
+
+
 def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
                       variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
                       errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None,
@@ -215,8 +229,7 @@ def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tens
         cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
     else:
         cost = errors
-    start = len(grid) if start_sigma is None else int(torch.argmin((grid - start_sigma).abs())) + 1
-    _, path = dp_optimal_path(cost, steps, start)
+    _, path = dp_optimal_path(cost, steps, start_node(grid, start_sigma, steps))
     return path_sigmas(grid, path), errors
 
 

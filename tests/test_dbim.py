@@ -583,3 +583,19 @@ def test_unreadable_checkpoints_give_the_loaders_message(tmp_path):
         message = str(info.value)
         assert message.startswith(f"Bridge Model Loader: {name} ") and match in message, message
         assert "weights_only" not in message and info.value.__cause__ is None, message
+
+
+def test_non_finite_conditions_are_refused_before_the_run(joint):
+    """A NaN / inf condition or target image used to come out as a NaN image; now a ValueError before the
+    first model call."""
+    s = SCHEDULE_PRESETS["vp"]
+    den, calls = _counting(_model(joint))
+    x_T = torch.tensor([[0.25, 0.0], [float("nan"), 0.1]], dtype=F64)
+    good = torch.zeros(2, 2, dtype=F64)
+    for run in (lambda: sample_dbim(den, x_T, s, 4, disable=True),
+                lambda: sample_ddbm_heun(den, x_T.clone().fill_(float("inf")), s, 4, disable=True),
+                lambda: encode_dbim(den, x_T, good, s, 4, disable=True),
+                lambda: encode_dbim(den, good, x_T, s, 4, disable=True)):
+        with pytest.raises(ValueError, match="contains NaN or infinity"):
+            run()
+    assert calls == []

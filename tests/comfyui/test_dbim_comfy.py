@@ -149,3 +149,37 @@ def test_loader_reads_a_pt_copy_and_explains_unreadable_files(bridge_env, run_pr
 
 class _Pickled:  # any class: weights_only loading refuses it
     pass
+
+
+def test_nan_image_and_oversized_blur_give_the_nodes_message(bridge_env, comfy, execution_error, run_prompt):
+    class NaNImage:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"image": ("IMAGE",)}}
+
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "poison"
+        CATEGORY = "testing"
+
+        def poison(self, image):
+            image = image.clone()
+            image[0, 3, 5, 1] = float("nan")
+            return (image,)
+
+    comfy.NODE_CLASS_MAPPINGS["FSTest_NaNImage"] = NaNImage
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER,
+              "4": {"class_type": "FSTest_NaNImage", "inputs": {"image": ["1", 0]}},
+              "3": _sampler(condition=["4", 0]),
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    message = execution_error(prompt)
+    assert "Bridge Sampler node: the condition image contains NaN" in message, message
+    edges = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+             "6": {"class_type": "FS_BridgeEdgeMap", "inputs": {"image": ["1", 0], "low_threshold": 0.1,
+                                                                "high_threshold": 0.2, "blur_sigma": 6.0,
+                                                                "thickness": 0}},
+             "7": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["6", 0], "label": "edges"}}}
+    message = execution_error(edges)
+    assert "Bridge Edge Map: blur_sigma 6.0" in message and "16x16 image" in message, message
+    edges["6"]["inputs"]["blur_sigma"] = 5.0  # a 31x31 blur still fits a 16-pixel side
+    run_prompt(edges)
+    assert IMAGES["edges"].shape == (1, 16, 16, 3)

@@ -83,3 +83,10 @@ def test_half_precision_latents_give_the_float32_schedule(run_prompt):
     half = run_prompt(g)["sigmas"]
     assert (half[1:] < half[:-1]).all(), half
     torch.testing.assert_close(half, full, rtol=1e-3, atol=0)
+
+
+def test_start_sigma_below_the_models_range_is_explained(execution_error):
+    g = _graph()
+    g["21"]["inputs"]["start_sigma"] = 0.01  # SD1.5's smallest sigma is 0.0292
+    message = execution_error(g)
+    assert "ELBO Schedule Optimizer node: start_sigma 0.01" in message and "raise start_sigma" in message, message
