@@ -149,8 +149,8 @@ def test_interrupted_fit_leaves_a_checkpoint_and_resumes(run_prompt_events, run_
 
 
 def test_self_generated_pool_stops_within_a_step_of_an_interrupt(run_prompt_events, hook, map_folder):
-    """One batch of 8 targets over the 7 karras steps above sigma_j = 1: interrupted at the second sampler
-    step, the node stops there (before: only between batches, so the whole batch ran first)."""
+    """One batch of 8 targets over the 5 karras steps above sigma_j = 1: interrupted at the second sampler
+    step, the node stops there (before: checked only between batches, so all 5 steps of the batch ran)."""
     import conftest
 
     updates, interrupt_at = hook
