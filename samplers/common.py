@@ -57,6 +57,20 @@ def seeded_noise_sampler(x: torch.Tensor, seed=None):
     return draw
 
 
+def row_seeded_noise(seed: int, like: torch.Tensor):
+    """Device-independent noise ``(sigma=None, sigma_next=None) -> z`` shaped like ``like``: row i from its own
+    CPU generator seeded seed + i (ComfyUI's per-batch-index convention), so a row does not depend on the
+    batch size or on the device; each call draws the next sample of every row."""
+    gens = [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(like.shape[0])]
+    shape = tuple(like.shape[1:])
+
+    def draw(sigma=None, sigma_next=None):
+        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        return z.to(like.device, like.dtype)
+
+    return draw
+
+
 def gaussian_noise_sampler(x: torch.Tensor, seed=None):
     """``seeded_noise_sampler`` whose sigma arguments may be left out (kept for callers that call ``noise()``)."""
     return seeded_noise_sampler(x, seed)

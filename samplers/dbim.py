@@ -18,7 +18,7 @@ import torch
 from .bridge import BridgeSchedule
 import numpy as np
 
-from .common import progress, report
+from .common import progress, report, row_seeded_noise
 from .multistep import StepRow, derivative_weights, run_rows
 
 if TYPE_CHECKING:
@@ -27,20 +27,7 @@ if TYPE_CHECKING:
 SAMPLERS = ("dbim", "dbim_high_order", "ddbm_heun")
 
 
-# ---- noise ------------------------------------------------------------------------------------
-
-def row_seeded_noise(seed: int, like: torch.Tensor):
-    """Per-row CPU generators seeded seed + i (ComfyUI convention, device independent): each call
-    returns one standard-normal draw shaped like ``like``; row i does not depend on the batch size."""
-    gens = [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(like.shape[0])]
-    shape = tuple(like.shape[1:])
-
-    def draw():
-        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        return z.to(like.device, like.dtype)
-
-    return draw
-
+# ---- inputs and noise ------------------------------------------------------------------------------------
 
 def check_finite(x: torch.Tensor, who: str, what: str = "condition image") -> None:
     """One host read before a run: NaN or infinity in an input would come out as a NaN image, silently."""
