@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ..samplers.bridge import GRIDS, SCHEDULE_PRESETS, BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
 from ..samplers.dbim import (
-    BRIDGE_PRESETS, SAMPLERS, BridgeDenoiser, BridgePreset, detect_preset, encode_dbim, interpolate_dbim,
-    load_bridge_checkpoint, row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors,
+    BRIDGE_PRESETS, SAMPLERS, BridgeDenoiser, BridgePreset, check_finite, detect_preset, encode_dbim,
+    interpolate_dbim, load_bridge_checkpoint, row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors,
 )
 from .comfy_io import CATEGORY, PREFIX, io, mark_advanced
 from .registry import register_model_folder as register_folder
@@ -103,10 +103,11 @@ class _Run:
     original: torch.Tensor  # the condition as given (resized), for paste_known
 
 
-def _prepare(model: BridgeModel, condition, mask, size_mode, class_label, clip=True) -> _Run:
+def _prepare(model: BridgeModel, condition, mask, size_mode, class_label, clip=True, who="Bridge") -> _Run:
     import comfy.model_management as mm
 
     preset = model.preset
+    check_finite(condition, f"{who} node")
     x = _fit(image_to_bridge(condition), preset, size_mode, preset.resize, "condition image")
     m = _mask(mask, x, preset)
     mm.load_models_gpu([model.patcher], force_full_load=True)
@@ -349,7 +350,7 @@ class BridgeSampler(io.ComfyNode):
     def execute(cls, bridge_model, condition, seed, sampler, eta, churn_step_ratio, nfe, order, grid, size,
                 class_label, clip_denoised, paste_known, mask=None, latent=None) -> io.NodeOutput:
         _check_options(sampler, eta, order, churn_step_ratio)
-        run = _prepare(bridge_model, condition, mask, size, class_label, clip_denoised)
+        run = _prepare(bridge_model, condition, mask, size, class_label, clip_denoised, who="Bridge Sampler")
         sched = bridge_model.preset.schedule
         noise_sampler = row_seeded_noise(seed, run.x_T)
         eps = noise_sampler()  # drawn even when a latent replaces it: the eta noise stays aligned with the seed
@@ -392,7 +393,8 @@ class BridgeEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, bridge_model, condition, target, nfe, order, grid, size, class_label, mask=None) -> io.NodeOutput:
-        run = _prepare(bridge_model, condition, mask, size, class_label)
+        run = _prepare(bridge_model, condition, mask, size, class_label, who="Bridge Encode")
+        check_finite(target, "Bridge Encode node", "target image")
         x0 = image_to_bridge(target)
         x0 = F.interpolate(x0, size=tuple(run.x_T.shape[-2:]), mode="bicubic", antialias=True).clamp(-1, 1) \
             if x0.shape[-2:] != run.x_T.shape[-2:] else x0
@@ -433,7 +435,7 @@ class BridgeInterpolate(io.ComfyNode):
     @classmethod
     def execute(cls, bridge_model, condition, frames, seed_a, seed_b, nfe, order, grid, size, class_label,
                 mask=None, latent_a=None, latent_b=None) -> io.NodeOutput:
-        run = _prepare(bridge_model, condition, mask, size, class_label)
+        run = _prepare(bridge_model, condition, mask, size, class_label, who="Bridge Interpolate")
         ends = [_latent_noise(lat, run.x_T, name) if lat is not None else row_seeded_noise(seed, run.x_T)()
                 for lat, seed, name in ((latent_a, seed_a, "latent_a"), (latent_b, seed_b, "latent_b"))]
         callback = _callback(nfe * frames)
@@ -489,6 +491,11 @@ class BridgeEdgeMap(io.ComfyNode):
             raise ValueError("Bridge Edge Map: low_threshold must not exceed high_threshold.")
         x = image[..., :3].movedim(-1, 1).float()
         k = 2 * int(3 * blur_sigma) + 1
+        height, width = x.shape[-2:]
+        if k // 2 >= min(height, width):  # the blur pads by k // 2 on each side
+            raise ValueError(f"Bridge Edge Map: blur_sigma {blur_sigma} needs a {k}x{k} blur, too large for the "
+                             f"{width}x{height} image; use blur_sigma below {min(height, width) / 3:.3g} or a "
+                             "larger image.")
         _, edges = kornia.filters.canny(kornia.color.rgb_to_grayscale(x), low_threshold, high_threshold,
                                         kernel_size=(k, k), sigma=(blur_sigma, blur_sigma))
         if thickness:

@@ -5,7 +5,7 @@ import math
 
 from ..samplers.dp_schedule import (
     DECODERS, OBJECTIVES, VARIANCES, cache_key, cost_matrix, dp_optimal_path, load_probe, nearest_path, path_cost,
-    path_sigmas, probe_local_error, probe_mse, save_probe,
+    path_sigmas, probe_local_error, probe_mse, save_probe, start_node,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
 from .comfy_io import CATEGORY, io, mark_advanced
@@ -131,6 +131,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         grid = candidate_grid(ms, candidates)
         if steps > len(grid):
             raise ValueError(f"{who}: {steps} steps need at least as many candidates; raise 'candidates'.")
+        start = start_node(grid, start_sigma, steps, f"{who} node")  # checked before the probe runs
         samples = latents["samples"]
         data = model.model.process_latent_in(samples.clone())
         bar = comfy.utils.ProgressBar(len(grid))
@@ -168,7 +169,6 @@ class ELBOScheduleOptimizer(io.ComfyNode):
                                                                "seed": seed, "objective": objective})
         dim = data[0].numel()
         cost = cost_matrix(grid, errors.mean(0), dim, schedule, variance, decoder) if objective == "elbo" else errors
-        start = len(grid) if start_sigma <= 0 else int(torch.argmin((grid - start_sigma).abs())) + 1
         total, path = dp_optimal_path(cost, steps, start)
         sigmas = path_sigmas(grid, path)
         report = cls.report(ms, grid, cost, path, total, steps, dim, len(samples), objective)

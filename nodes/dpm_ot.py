@@ -170,11 +170,21 @@ class TargetsSelfGenerate(io.ComfyNode):
                              "KSamplerSelect or a sampler node of this pack.")
         shape = tuple(latent["samples"].shape[1:])
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        bar = comfy.utils.ProgressBar(count)
+        steps = len(prefix) - 1
+        batches = -(-count // batch_size)
+        bar = comfy.utils.ProgressBar(batches * steps)  # one tick per sampler step: an interrupt stops within a step
         states = []
+        done = {"steps": 0}
 
         def keep_state(k_model, x, sigmas, extra_args=None, callback=None, disable=None):
-            out = inner(k_model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+            def step(info):
+                if callback is not None:
+                    callback(info)
+                done["steps"] += 1
+                bar.update_absolute(done["steps"], batches * steps)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
+            out = inner(k_model, x, sigmas, extra_args=extra_args, callback=step, disable=disable,
                         **sampler.extra_options)
             states.append(out.detach().float().cpu())  # the state at sigma_j, before inverse_noise_scaling
             return out
@@ -184,8 +194,9 @@ class TargetsSelfGenerate(io.ComfyNode):
             size = min(batch_size, count - start)
             empty = torch.zeros((size, *shape))
             noise = comfy.sample.prepare_noise(empty, seed + b)
+            done["steps"] = b * steps  # samplers that report fewer steps still end each batch in place
             run_inside_sampling(model, positive, negative, cfg, noise, empty, prefix, seed + b, keep_state)
-            bar.update_absolute(start + size, count)
+            bar.update_absolute((b + 1) * steps, batches * steps)
             show_text(f"targets {start + size}/{count} (sigma {float(prefix[0]):.3g} -> {sigma_junction:.3g})",
                       node_id)
         targets = torch.cat(states)

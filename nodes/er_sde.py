@@ -46,7 +46,7 @@ class ERSDESolverSampler(io.ComfyNode):
                                        "each step (crisper, can look over-smoothed); 1 is the exact SDE.",
                                display_name="noise scale"),
                 io.Combo.Input("noise", options=list(NOISE_KINDS), default="gaussian",
-                               tooltip="gaussian: fresh random noise each step (same stream as ComfyUI's samplers). "
+                               tooltip="gaussian: fresh random noise each step (seeded like newer ComfyUI's samplers: seed + 1 on the CPU). "
                                        "brownian: one noise path per seed, so changing the step count changes the "
                                        "image less.", display_name="noise type"),
                 io.Combo.Input("derivatives", options=list(DERIVATIVES), default="corrected",

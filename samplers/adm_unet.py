@@ -242,11 +242,15 @@ def infer_adm_config(state_dict: dict, **overrides) -> ADMConfig:
     attention_ds = sorted({2 ** ((i - 1) // per_level) for i in _block_index(keys, "input_blocks.")
                            if f"input_blocks.{i}.1.qkv.weight" in state_dict})
     label = state_dict.get("label_emb.weight")
+    # the weights do not store the head width: DDBM's 64 where it divides every attention block, else
+    # the largest width that does (one head in a 32-channel block, as the toy model)
+    widths = [int(mc * mult[int(math.log2(ds))]) for ds in attention_ds if int(math.log2(ds)) < len(mult)]
+    heads = math.gcd(64, *widths) if widths else 64
     fields = dict(image_size=None, model_channels=mc, channel_mult=tuple(int(m) if m == int(m) else m for m in mult),
                   num_res_blocks=per_level - 1, attention_ds=tuple(attention_ds),
                   num_classes=None if label is None else label.shape[0], out_channels=out_ch,
                   condition_channels=first.shape[1] - out_ch,
-                  attention_order="legacy" if label is not None else "new")
+                  attention_order="legacy" if label is not None else "new", num_head_channels=heads)
     fields.update(overrides)
     return ADMConfig(**fields)
 

@@ -36,14 +36,44 @@ def setup_run(model, x, sigmas, sampler: str, parametrization=None):
     return schedule, sig, x.new_ones([x.shape[0]])
 
 
-def gaussian_noise_sampler(x: torch.Tensor, seed=None):
-    """Per-step Gaussian noise, the same stream as ComfyUI's ``default_noise_sampler``:
-    a generator on x's device seeded with the run's seed, one draw of x's shape per call."""
+def step_noise_seed(seed: int, device) -> int:
+    """The seed of a run's per-step noise generator: seed + 1 on the CPU, seed elsewhere (newer ComfyUI's
+    ``default_noise_sampler``). ComfyUI draws the initial noise from a CPU generator seeded with the same
+    seed, so a CPU step generator seeded with ``seed`` would repeat the initial noise bit for bit."""
+    return int(seed) + 1 if torch.device(device).type == "cpu" else int(seed)
+
+
+def seeded_noise_sampler(x: torch.Tensor, seed=None):
+    """Per-step Gaussian noise ``(sigma, sigma_next) -> z`` shaped like x (ComfyUI's noise-sampler
+    convention): one generator on x's device seeded ``step_noise_seed(seed)``, one draw per call. The
+    stream depends on the device, as ComfyUI's does; ``seed=None`` draws from torch's global generator."""
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed))
-    return lambda: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+        generator = torch.Generator(device=x.device).manual_seed(step_noise_seed(seed, x.device))
+
+    def draw(sigma=None, sigma_next=None):
+        return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return draw
+
+
+def row_seeded_noise(seed: int, like: torch.Tensor):
+    """Device-independent noise ``(sigma=None, sigma_next=None) -> z`` shaped like ``like``: row i from its own
+    CPU generator seeded seed + i (ComfyUI's per-batch-index convention), so a row does not depend on the
+    batch size or on the device; each call draws the next sample of every row."""
+    gens = [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(like.shape[0])]
+    shape = tuple(like.shape[1:])
+
+    def draw(sigma=None, sigma_next=None):
+        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        return z.to(like.device, like.dtype)
+
+    return draw
+
+
+def gaussian_noise_sampler(x: torch.Tensor, seed=None):
+    """``seeded_noise_sampler`` whose sigma arguments may be left out (kept for callers that call ``noise()``)."""
+    return seeded_noise_sampler(x, seed)
 
 
 def step_noise_scale(model, s_noise: float) -> float:

@@ -18,7 +18,7 @@ import torch
 from .bridge import BridgeSchedule
 import numpy as np
 
-from .common import progress, report
+from .common import progress, report, row_seeded_noise
 from .multistep import StepRow, derivative_weights, run_rows
 
 if TYPE_CHECKING:
@@ -27,19 +27,13 @@ if TYPE_CHECKING:
 SAMPLERS = ("dbim", "dbim_high_order", "ddbm_heun")
 
 
-# ---- noise ------------------------------------------------------------------------------------
+# ---- inputs and noise ------------------------------------------------------------------------------------
 
-def row_seeded_noise(seed: int, like: torch.Tensor):
-    """Per-row CPU generators seeded seed + i (ComfyUI convention, device independent): each call
-    returns one standard-normal draw shaped like ``like``; row i does not depend on the batch size."""
-    gens = [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(like.shape[0])]
-    shape = tuple(like.shape[1:])
-
-    def draw():
-        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        return z.to(like.device, like.dtype)
-
-    return draw
+def check_finite(x: torch.Tensor, who: str, what: str = "condition image") -> None:
+    """One host read before a run: NaN or infinity in an input would come out as a NaN image, silently."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{who}: the {what} contains NaN or infinity; check the nodes that made it (a failed "
+                         "decode, a division by zero in an image operation).")
 
 
 def slerp(eps_a: torch.Tensor, eps_b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -176,6 +170,7 @@ def sample_dbim(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, steps: in
     when None (default: per-row generators seeded seed + i; the booting noise is their first draw,
     eta noise the following draws). ``mask`` [B,1,H,W] (1 = regenerate) for inpainting models.
     ``order`` 2, 3: high-order DBIM (eta must be 0). Returns x at t_min (not clamped)."""
+    check_finite(x_T, "DBIM")
     ts = _grid(schedule, steps, ts, spacing)
     plan = plan_dbim(schedule, ts, eta, order, lower_order_final)
     denoiser = _masked(denoiser, mask)
@@ -194,6 +189,8 @@ def encode_dbim(denoiser, x_0: torch.Tensor, x_T: torch.Tensor, schedule: Bridge
                 steps: int | None = None, *, order: int = 1, spacing: str = "uniform_t", ts=None, mask=None,
                 callback=None, disable=None) -> torch.Tensor:
     """The booting noise whose eta = 0 DBIM decode is x_0 (inversion on the same grid, NFE = steps + 1)."""
+    check_finite(x_T, "DBIM encode")
+    check_finite(x_0, "DBIM encode", "target image")
     ts = _grid(schedule, steps, ts, spacing)
     plan = plan_dbim(schedule, ts.flip(0), 0.0, order)
     denoiser = _masked(denoiser, mask)
@@ -213,9 +210,11 @@ def interpolate_dbim(denoiser, x_T: torch.Tensor, eps_a: torch.Tensor, eps_b: to
 
 
 def _drift(schedule: BridgeSchedule, ts, stochastic: bool):
-    """Weights (P, Q, R) of d = P x + Q x_T + R D for DDBM's drift at times ts:
-    d = f x - g^2 (m s - h), s = -(x - a x_T - b D)/c^2, h = -(x - (alpha/alpha_T) x_T)/(alpha rho_bar)^2,
-    m = 1 (reverse SDE) or 1/2 (probability-flow ODE); dt already scaled (i2sb: x 999)."""
+    """Weights (P, S, R, g^2) of DDBM's drift at times ts written around x_T: d = P (x - x_T) + S x_T + R D,
+    from d = f x - g^2 (m s - h), s = -(x - a x_T - b D)/c^2, h = -(x - (alpha/alpha_T) x_T)/(alpha rho_bar)^2,
+    m = 1 (reverse SDE) or 1/2 (probability-flow ODE); dt already scaled (i2sb: x 999). Near T, P ~ -5000
+    multiplies x and the x_T weight P + Q ~ +5000 nearly cancels it: S = P + Q is formed here in float64,
+    so a float32 latent only ever meets P through the small x - x_T."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     f, g2 = schedule.f_g2(ts)
     alpha, _, rho_bar = schedule.alpha_rho(ts)
@@ -225,7 +224,7 @@ def _drift(schedule: BridgeSchedule, ts, stochastic: bool):
     P = f + g2 * (m / c**2 - inv_h)
     Q = -g2 * m * a / c**2 + g2 * (alpha / schedule.alpha_T) * inv_h
     R = -g2 * m * b / c**2
-    return P.tolist(), Q.tolist(), R.tolist(), g2.tolist()
+    return P.tolist(), (P + Q).tolist(), R.tolist(), g2.tolist()
 
 
 @torch.no_grad()
@@ -234,9 +233,11 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
                      mask=None, callback=None, disable=None) -> torch.Tensor:
     """DDBM's hybrid sampler: per step an Euler-Maruyama step of the bridge SDE over a fraction
     ``churn_step_ratio`` of the step, then a Heun step of the probability-flow ODE (Euler on the
-    last step, to t = 0). Starts at x = x_T; NFE = 3 steps - 1 (churn > 0) or 2 steps - 1."""
+    last step, to t = 0). Starts at x = x_T; NFE = 3 steps - 1 (churn > 0) or 2 steps - 1.
+    The state is carried as u = x - x_T (the drift's large weights act on it; see ``_drift``)."""
     if not 0.0 <= churn_step_ratio < 1.0:
         raise ValueError(f"DDBM Heun: churn_step_ratio must be in [0, 1), got {churn_step_ratio}.")
+    check_finite(x_T, "DDBM Heun")
     ts = schedule.heun_grid(int(steps), rho).tolist()
     scale = schedule.heun_time_scale
     churn = churn_step_ratio > 0
@@ -247,32 +248,35 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
     denoiser = _masked(denoiser, mask)
     if noise_sampler is None and churn:
         noise_sampler = row_seeded_noise(seed, x_T)
-    x = x_T
+    u = torch.zeros_like(x_T)
     call = 0
     for i in progress(len(ts) - 1, disable):
         t, t_hat, t_next = ts[i], t_hats[i], ts[i + 1]
         if churn:
+            x = x_T + u
             x0 = denoiser(x, _times(x, t), x_T)
             report(callback, call, x, t, x0)
             call += 1
             dt = (t_hat - t) * scale
-            x = x + (sde[0][i] * x + sde[1][i] * x_T + sde[2][i] * x0) * dt \
+            u = u + (sde[0][i] * u + sde[1][i] * x_T + sde[2][i] * x0) * dt \
                 + (math.sqrt(abs(dt) * sde[3][i]) * noise_sampler())
+        x = x_T + u
         x0 = denoiser(x, _times(x, t_hat), x_T)
         report(callback, call, x, t_hat, x0)
         call += 1
         dt = (t_next - t_hat) * scale
-        d1 = ode_hat[0][i] * x + ode_hat[1][i] * x_T + ode_hat[2][i] * x0
+        d1 = ode_hat[0][i] * u + ode_hat[1][i] * x_T + ode_hat[2][i] * x0
         if t_next == 0.0:
-            x = x + d1 * dt
+            u = u + d1 * dt
             continue
-        x_pred = x + d1 * dt
+        u_pred = u + d1 * dt
+        x_pred = x_T + u_pred
         x0 = denoiser(x_pred, _times(x, t_next), x_T)
         report(callback, call, x_pred, t_next, x0)
         call += 1
-        d2 = ode_next[0][i] * x_pred + ode_next[1][i] * x_T + ode_next[2][i] * x0
-        x = x + 0.5 * (d1 + d2) * dt
-    return x
+        d2 = ode_next[0][i] * u_pred + ode_next[1][i] * x_T + ode_next[2][i] * x0
+        u = u + 0.5 * (d1 + d2) * dt
+    return x_T + u
 
 
 # ---- the network denoiser ------------------------------------------------------------------------
@@ -348,38 +352,60 @@ METADATA_KEY = "fs_bridge_preset"
 
 
 def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePreset:
-    """The preset stored in our safetensors metadata, else the released checkpoint with this structure,
-    else a custom preset from the inferred structure (label_emb -> ImageNet-style i2sb inpainting with
-    legacy attention, otherwise a VP translation model with the DDBM attention order)."""
-    from .adm_unet import infer_adm_config, matching_preset
+    """The preset stored in our safetensors metadata, else the preset (a released checkpoint or the toy
+    model) with this structure, else a custom preset from the inferred structure (label_emb -> ImageNet-style
+    i2sb inpainting with legacy attention, otherwise a VP translation model with the DDBM attention order)."""
+    from dataclasses import replace
+
+    from .adm_unet import infer_adm_config
     from .bridge import SCHEDULE_PRESETS
 
     if metadata and METADATA_KEY in metadata:
         return BridgePreset.from_json(metadata[METADATA_KEY])
     config = infer_adm_config(state_dict)
-    name = matching_preset(config)
-    if name is not None:
-        return BRIDGE_PRESETS[name]
+    for preset in BRIDGE_PRESETS.values():  # image size, attention order and head width are not in the weights
+        known = preset.adm
+        if replace(config, image_size=known.image_size, attention_order=known.attention_order,
+                   num_head_channels=known.num_head_channels, dropout=known.dropout) == known:
+            return preset
     inpaint = config.num_classes is not None
     return BridgePreset("custom", config, SCHEDULE_PRESETS["i2sb" if inpaint else "vp"],
                         "inpaint" if inpaint else "translate")
 
 
-def load_bridge_checkpoint(path: str):
+def load_bridge_checkpoint(path: str, who: str = "Bridge Model Loader"):
     """(state_dict, metadata) from .safetensors or a .pt / .pth of plain tensors (weights_only=True:
-    never arbitrary pickle). Accepts {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes."""
-    path = str(path)
-    if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
+    never arbitrary pickle). Accepts {'state_dict': ...} / {'model': ...} wrappers and 'module.' prefixes.
+    An unreadable file raises ValueError naming ``who`` and the file; none suggests an unsafe load."""
+    import os
+    import pickle
 
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    path = str(path)
+    name = os.path.basename(path)
+    if path.lower().endswith((".safetensors", ".sft")):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{who}: {name} is not a readable safetensors file ({err}). It is probably truncated "
+                             "or damaged (an interrupted download?): download or copy it again.") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{who}: {name} stores Python objects besides tensors, and the loader only reads "
+                         "plain tensors, since unpickling other objects can run code from the file. Use a "
+                         "checkpoint that holds only a state dict (the released DDBM / DBIM .pt files do) or a "
+                         ".safetensors file.") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{who}: {name} is not a readable PyTorch checkpoint ({err}). It is probably truncated "
+                         "or damaged: download or copy it again.") from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a DDBM / DBIM UNet state dict).")
+        raise ValueError(f"{who}: {name} holds no state dict of tensors (a DDBM / DBIM UNet checkpoint).")
     return {k.removeprefix("module."): v for k, v in sd.items()}, {}
 
 

@@ -31,6 +31,7 @@ import torch
 from .common import gaussian_noise_sampler, progress, report, setup_run
 from .schedule import NoiseSchedule
 
+PICK_SEED_OFFSET = 0x6D1C  # component picks: a stream apart from the step noise (seed + 1 on the CPU)
 ETA_CONVENTIONS = ("ddim", "rfim")
 # "rand" is kept so saved workflows load; it builds the same orthonormal directions as "ortho"
 # (centred random Gaussian directions are orthogonal to 1/sqrt(D) in latent sizes; the paper
@@ -197,7 +198,8 @@ def sample_ddim_gmm(model, x, sigmas, extra_args=None, callback=None, disable=No
         K = min(int(components), dim)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         directions = make_directions(dim, K, offset_seed, x.device, work)
-        pick_gen = torch.Generator(device=x.device).manual_seed(int(seed) + 1 if seed is not None else 0)
+        pick_seed = PICK_SEED_OFFSET + (int(seed) if seed is not None else 0)
+        pick_gen = torch.Generator(device=x.device).manual_seed(pick_seed)
         picks = torch.randint(K, (len(plan), batch), device=x.device, generator=pick_gen)
         onehot = torch.nn.functional.one_hot(picks, K).to(work)  # [steps, B, K]
     for i in progress(len(plan), disable):

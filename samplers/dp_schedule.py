@@ -35,15 +35,28 @@ def check_data_latents(latents: torch.Tensor, who: str = "Schedule optimizer") -
                          "feed VAE-encoded images of the kind you want to generate.")
 
 
+def probe_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Checked data latents in at least float32 (the model gets float32 inputs; ComfyUI casts them to the
+    network's dtype itself). Probed in float16 through ComfyUI, every error came back NaN and the schedule
+    repeated one sigma."""
+    check_data_latents(latents)
+    return latents.to(torch.promote_types(latents.dtype, torch.float32))
+
+
+def probe_noise(latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """The probe's common noise: a CPU generator seeded ``seed`` in float64 (device independent)."""
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    return eps.to(latents.device, latents.dtype)
+
+
 @torch.no_grad()
 def probe_mse(model, latents: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule, seed: int = 0,
               callback=None, extra_args: dict | None = None) -> torch.Tensor:
     """Per-sample squared denoising error ||x0 - D(x_sigma, sigma)||^2, [N, G] float64: exactly one
     model call per candidate for the whole batch, with the same noise at every candidate (common
     random numbers). ``callback(j, G)`` after each candidate (progress / interruption)."""
-    check_data_latents(latents)
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-    eps = eps.to(latents.device, latents.dtype)
+    latents = probe_latents(latents)
+    eps = probe_noise(latents, seed)
     tab = schedule.coefficients(grid)
     ones = latents.new_ones(latents.shape[0])
     errors = []
@@ -65,11 +78,10 @@ def probe_local_error(model, latents: torch.Tensor, grid: torch.Tensor, schedule
     with ``substeps`` log-lambda-uniform steps between neighbouring candidates. One reference walk from each
     candidate records every lower candidate: about G^2 / 2 * substeps model calls (batched over latents).
     Errors of earlier steps do not propagate in this cost. [G + 1, G + 1] float64, node order as cost_matrix."""
-    check_data_latents(latents)
+    latents = probe_latents(latents)
     if substeps < 1:
         raise ValueError("local_error: substeps must be >= 1.")
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-    eps = eps.to(latents.device, latents.dtype)
+    eps = probe_noise(latents, seed)
     g = torch.as_tensor(grid, dtype=torch.float64)
     nodes = len(g) + 1
     fine = schedule.coefficients(_fine_grid(g, schedule, substeps))  # node j (grid[j-1]) at (j - 1) * substeps
@@ -184,6 +196,20 @@ def path_sigmas(grid: torch.Tensor, path: list[int]) -> torch.Tensor:
     return torch.tensor([0.0 if j == 0 else float(grid[j - 1]) for j in path], dtype=torch.float32)
 
 
+def start_node(grid: torch.Tensor, start_sigma: float | None, steps: int, who: str = "Schedule optimizer") -> int:
+    """The node the schedule starts from: the candidate nearest ``start_sigma`` (None or 0: the largest).
+    Refuses a start below the smallest candidate or with fewer candidates at or below it than steps."""
+    if start_sigma is None or start_sigma <= 0:
+        return len(grid)
+    smallest = float(grid[0])
+    start = int(torch.argmin((grid - start_sigma).abs())) + 1
+    if start_sigma < smallest * (1 - 1e-6) or start < steps:
+        raise ValueError(f"{who}: start_sigma {start_sigma:.4g} leaves {start} of the candidate noise levels "
+                         f"({smallest:.4g} ... {float(grid[-1]):.4g}) at or below it, and {steps} steps need "
+                         f"{steps}; raise start_sigma (0 = the model's largest sigma) or lower steps.")
+    return start
+
+
 def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
                       variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
                       errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None,
@@ -203,8 +229,7 @@ def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tens
         cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
     else:
         cost = errors
-    start = len(grid) if start_sigma is None else int(torch.argmin((grid - start_sigma).abs())) + 1
-    _, path = dp_optimal_path(cost, steps, start)
+    _, path = dp_optimal_path(cost, steps, start_node(grid, start_sigma, steps))
     return path_sigmas(grid, path), errors
 
 

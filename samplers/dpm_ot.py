@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .classic import sample_dpmpp_2m, sample_euler, sample_heun
-from .common import check_inputs, gaussian_noise_sampler
+from .common import check_inputs, row_seeded_noise, seeded_noise_sampler
 from .er_sde import PRESETS as ER_SDE_PRESETS
 from .er_sde import sample_er_sde
 from .schedule import (
@@ -112,8 +112,7 @@ def pool_from_clean(clean: torch.Tensor, sigma_junction: float, model_sampling: 
     schedule = NoiseSchedule(parametrization_of_prediction(model_sampling))
     sigma_junction = check_junction(sigma_junction, schedule, who)
     clean = clean.detach().to("cpu", torch.float32)
-    noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(int(seed) + i))
-                         for i in range(clean.shape[0])])
+    noise = row_seeded_noise(seed, clean)()
     targets = schedule.add_noise(clean, noise, sigma_junction)
     return OTMap(targets=targets.to(torch.float16), sigma_junction=sigma_junction, model_sampling=model_sampling,
                  latent_format=latent_format, clean=clean.to(torch.float16) if keep_clean else None,
@@ -572,7 +571,7 @@ def place(ot_map: OTMap, noise: torch.Tensor, schedule: NoiseSchedule, placement
     restoring the noise level; otherwise the target itself."""
     if placement not in PLACEMENTS:
         raise ValueError(f"DPM-OT sampler: unknown placement {placement!r}; choose one of {PLACEMENTS}.")
-    fresh = gaussian_noise_sampler(noise, None if seed is None else int(seed) + PLACEMENT_SEED_OFFSET)
+    fresh = seeded_noise_sampler(noise, None if seed is None else int(seed) + PLACEMENT_SEED_OFFSET)
     targets = ot_map.targets.to(noise.device)
     s_j = float(schedule.s(torch.tensor(ot_map.sigma_junction, dtype=torch.float64)))
     if placement != "aeot_pair":

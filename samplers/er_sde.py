@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .common import gaussian_noise_sampler, setup_run, step_noise_scale
+from .common import seeded_noise_sampler, setup_run, step_noise_scale
 from .multistep import StepRow, derivative_weights, merge_correction, run_rows
 from .schedule import NoiseSchedule, comfy_model_sampling
 
@@ -432,7 +432,6 @@ def sample_er_sde(
         if noise == "brownian":
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:
-            gaussian = gaussian_noise_sampler(x, extra_args.get("seed"))
-            noise_sampler = lambda sigma, sigma_next: gaussian()  # noqa: E731
+            noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
     device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype)
     return run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)

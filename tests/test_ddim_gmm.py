@@ -14,8 +14,9 @@ from comfyui_fast_samplers.samplers.testbed import (
 
 
 def _euler_ancestral(model, x, sigmas, seed, eta):
-    """k-diffusion's sample_euler_ancestral with eta (its get_ancestral_step), the VE reference."""
-    g = torch.Generator().manual_seed(seed)
+    """k-diffusion's sample_euler_ancestral with eta (its get_ancestral_step), the VE reference; CPU step
+    noise from seed + 1 as newer ComfyUI (never the initial noise)."""
+    g = torch.Generator().manual_seed(seed + 1)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = model(x, torch.full((x.shape[0],), s[i], dtype=torch.float64))
@@ -250,7 +251,8 @@ def test_distribution_on_the_exact_mixture():
     mix = random_mixture(16, 4, seed=0, spread=0.5, std=0.05)
     model = ExactModel(mix, "ve")
     data, _ = mix.sample(20_000, torch.Generator().manual_seed(0))
-    x = 14.6 * torch.randn(20_000, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # initial noise and step noise from one seed, as in ComfyUI (the CPU step stream is seed + 1)
+    x = 14.6 * torch.randn(20_000, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sigmas = karras_sigmas(10, 0.029, 14.6)
     results = {}
     for name, opts in {"ddim": {"components": 1}, "strict": {"scale": 0.9, "scale_units": "relative", "covariance": "strict"},

@@ -253,3 +253,29 @@ def test_local_error_with_flow_sigma_one_as_a_candidate():
     assert bool(torch.isfinite(cost[lower]).all())
     sigmas, _ = optimize_schedule(None, x0, 5, grid, "flow", objective="local_error", errors=cost)
     assert float(sigmas[0]) == 1.0 and bool((sigmas[1:] < sigmas[:-1]).all()) and float(sigmas[-1]) == 0
+
+
+def test_half_precision_latents_are_probed_in_float32(toy):
+    """fp16 latents (a half-precision VAE) are probed in float32: the model sees float32 inputs, the
+    errors are finite and equal those of the float32 probe of the same (fp16-rounded) data."""
+    model, data, grid, _ = toy
+    seen = []
+
+    def spy(x, sigma, **extra):
+        seen.append(x.dtype)
+        return model(x, sigma, **extra)
+
+    half = probe_mse(spy, data.half(), grid[::10], model.schedule, seed=0)
+    full = probe_mse(model, data.half().float(), grid[::10], model.schedule, seed=0)
+    assert set(seen) == {torch.float32} and torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=1e-6, atol=0)
+
+
+def test_start_sigma_below_the_candidates_is_refused(toy):
+    model, data, grid, _ = toy
+    errors = torch.ones(4, len(grid), dtype=torch.float64)
+    for start_sigma, steps in ((0.5 * float(grid[0]), 1), (float(grid[2]), 5)):
+        with pytest.raises(ValueError, match="raise start_sigma .* or lower steps"):
+            optimize_schedule(model, data, steps, grid, errors=errors, start_sigma=start_sigma)
+    sigmas, _ = optimize_schedule(model, data, 3, grid, errors=errors, start_sigma=float(grid[2]))
+    assert float(sigmas[0]) == pytest.approx(float(grid[2]))

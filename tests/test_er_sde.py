@@ -180,8 +180,9 @@ def test_first_order_ode_is_euler(kind):
 
 
 def _euler_ancestral(model, x, sigmas, seed):
-    """k-diffusion's sample_euler_ancestral (eta = 1), the reference for phi = lam^2 at order 1."""
-    g = torch.Generator().manual_seed(seed)
+    """k-diffusion's sample_euler_ancestral (eta = 1), the reference for phi = lam^2 at order 1, with newer
+    ComfyUI's CPU step noise (generator seeded seed + 1, so it differs from the initial noise)."""
+    g = torch.Generator().manual_seed(seed + 1)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = model(x, torch.full((x.shape[0],), s[i], dtype=torch.float64))

@@ -157,15 +157,16 @@ def _test_nodes():
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"batch": ("INT", {"default": 16, "min": 1}), "mu": ("FLOAT", {"default": 0.5}),
-                                 "s": ("FLOAT", {"default": 0.1}), "seed": ("INT", {"default": 0})}}
+                                 "s": ("FLOAT", {"default": 0.1}), "seed": ("INT", {"default": 0})},
+                    "optional": {"half": ("BOOLEAN", {"default": False})}}
 
         RETURN_TYPES = ("LATENT",)
         FUNCTION = "make"
         CATEGORY = "testing"
 
-        def make(self, batch, mu, s, seed):
+        def make(self, batch, mu, s, seed, half=False):
             x = mu + s * torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-            return ({"samples": x / 0.18215},)
+            return ({"samples": (x / 0.18215).to(torch.float16 if half else torch.float32)},)
 
     return {"FSTest_GaussianLatents": GaussianLatents, "FSTest_WeightFreeModel": WeightFreeModel, "FSTest_ZeroConditioning": ZeroConditioning,
             "FSTest_ExactGaussianModel": ExactGaussianModel, "FSTest_CaptureLatent": CaptureLatent,

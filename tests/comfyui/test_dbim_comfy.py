@@ -118,3 +118,68 @@ def test_bridge_sampler_progress_previews_and_interrupt(bridge_env, run_prompt, 
     events = run_prompt_events({**prompt, "3": _sampler(seed=9)})
     assert any(event == "execution_interrupted" for event, _ in events)
     assert max(u[0] for u in updates) == 2
+
+
+def test_loader_reads_a_pt_copy_and_explains_unreadable_files(bridge_env, run_prompt, execution_error):
+    """A .pt copy of the toy model loads with preset custom (torch.load weights_only=True) and gives the
+    safetensors model's image; a truncated file and a pickle of Python objects give the loader's own
+    message naming the file, never a hint to load with weights_only=False."""
+    import folder_paths
+
+    from comfyui_fast_samplers.samplers.dbim import load_bridge_checkpoint
+
+    models = Path(folder_paths.get_folder_paths("fs_bridge_models")[-1])
+    state_dict, _ = load_bridge_checkpoint(ASSET)
+    torch.save(state_dict, models / "toy_copy.pt")
+    (models / "toy_cut.safetensors").write_bytes(ASSET.read_bytes()[:4000])
+    torch.save({"weight": torch.ones(2), "extra": _Pickled()}, models / "objects.pt")
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER, "3": _sampler(),
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    run_prompt(prompt)
+    reference = IMAGES["a"]
+    copy = {**LOADER, "inputs": {**LOADER["inputs"], "ckpt_name": "toy_copy.pt", "preset": "custom"}}
+    run_prompt({**prompt, "2": copy})
+    assert torch.equal(IMAGES["a"], reference)
+    for name, words in (("toy_cut.safetensors", "truncated"), ("objects.pt", "only reads plain tensors")):
+        broken = {**LOADER, "inputs": {**LOADER["inputs"], "ckpt_name": name}}
+        message = execution_error({**prompt, "2": broken})
+        assert f"Bridge Model Loader: {name}" in message and words in message, message
+        assert "weights_only" not in message, message
+
+
+class _Pickled:  # any class: weights_only loading refuses it
+    pass
+
+
+def test_nan_image_and_oversized_blur_give_the_nodes_message(bridge_env, comfy, execution_error, run_prompt):
+    class NaNImage:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"image": ("IMAGE",)}}
+
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "poison"
+        CATEGORY = "testing"
+
+        def poison(self, image):
+            image = image.clone()
+            image[0, 3, 5, 1] = float("nan")
+            return (image,)
+
+    comfy.NODE_CLASS_MAPPINGS["FSTest_NaNImage"] = NaNImage
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}, "2": LOADER,
+              "4": {"class_type": "FSTest_NaNImage", "inputs": {"image": ["1", 0]}},
+              "3": _sampler(condition=["4", 0]),
+              "5": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["3", 0], "label": "a"}}}
+    message = execution_error(prompt)
+    assert "Bridge Sampler node: the condition image contains NaN" in message, message
+    edges = {"1": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+             "6": {"class_type": "FS_BridgeEdgeMap", "inputs": {"image": ["1", 0], "low_threshold": 0.1,
+                                                                "high_threshold": 0.2, "blur_sigma": 6.0,
+                                                                "thickness": 0}},
+             "7": {"class_type": "FSTest_CaptureImage", "inputs": {"images": ["6", 0], "label": "edges"}}}
+    message = execution_error(edges)
+    assert "Bridge Edge Map: blur_sigma 6.0" in message and "16x16 image" in message, message
+    edges["6"]["inputs"]["blur_sigma"] = 5.0  # a 31x31 blur still fits a 16-pixel side
+    run_prompt(edges)
+    assert IMAGES["edges"].shape == (1, 16, 16, 3)

@@ -71,3 +71,22 @@ def test_local_error_objective_runs_through_the_node(run_prompt, tmp_path, monke
     g["21"]["inputs"]["objective"] = "elbo"  # another objective is another cache entry
     run_prompt(g)
     assert conftest.MODEL_CALLS["exact"] - calls == 12
+
+
+def test_half_precision_latents_give_the_float32_schedule(run_prompt):
+    """fp16 latents (e.g. from a VAE in half precision) are probed in float32: the same SIGMAS, strictly
+    decreasing, and a finite report (in float16 they gave a repeated sigma and NaN costs)."""
+    g = {k: v for k, v in _graph(steps=6).items() if k in ("1", "2", "3", "20", "21")}
+    g["30"] = {"class_type": "FSTest_CaptureSigmas", "inputs": {"sigmas": ["21", 0], "label": "sigmas"}}
+    full = run_prompt(g)["sigmas"]
+    g["20"]["inputs"]["half"] = True
+    half = run_prompt(g)["sigmas"]
+    assert (half[1:] < half[:-1]).all(), half
+    torch.testing.assert_close(half, full, rtol=1e-3, atol=0)
+
+
+def test_start_sigma_below_the_models_range_is_explained(execution_error):
+    g = _graph()
+    g["21"]["inputs"]["start_sigma"] = 0.01  # SD1.5's smallest sigma is 0.0292
+    message = execution_error(g)
+    assert "ELBO Schedule Optimizer node: start_sigma 0.01" in message and "raise start_sigma" in message, message

@@ -149,3 +149,24 @@ def test_interrupted_fit_leaves_a_checkpoint_and_resumes(run_prompt_events, run_
     run_prompt(prompt)
     assert min(u[0] for u in updates if u[1] == 400) == 11  # continued after the checkpoint
     assert not list((tmp_path / "fs_ot_fit_checkpoints").glob("*.safetensors"))  # removed when done
+
+
+def test_self_generated_pool_stops_within_a_step_of_an_interrupt(run_prompt_events, hook, map_folder):
+    """One batch of 8 targets over the 5 karras steps above sigma_j = 1: interrupted at the second sampler
+    step, the node stops there (before: checked only between batches, so all 5 steps of the batch ran)."""
+    import conftest
+
+    updates, interrupt_at = hook
+    g = _fit_graph(1.0, {"class_type": "FS_DPMOTTargetsSelfGenerate", "inputs": {
+        "model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0], "cfg": 1.0, "sampler": ["40", 0],
+        "sigmas": ["41", 0], "latent": ["42", 0], "sigma_junction": 1.0, "count": 8, "batch_size": 8, "seed": 0}})
+    g["40"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["41"] = {"class_type": "BasicScheduler", "inputs": {"model": ["2", 0], "scheduler": "karras", "steps": 10,
+                                                          "denoise": 1.0}}
+    g["42"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    interrupt_at["step"] = 2
+    before = conftest.MODEL_CALLS["exact"]
+    events = run_prompt_events(g)
+    assert any(event == "execution_interrupted" for event, _ in events)
+    assert conftest.MODEL_CALLS["exact"] - before == 2, conftest.MODEL_CALLS["exact"] - before
+    assert [u[0] for u in updates] == [1, 2] and updates[-1][1] > 2, updates

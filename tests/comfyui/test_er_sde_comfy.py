@@ -102,7 +102,10 @@ def test_parity_preset_reproduces_comfy_er_sde(comfy, prediction, steps):
     model, sampling = _comfy_wrapped(exact, prediction)
     sigmas = comfy.samplers.calculate_sigmas(sampling, "karras" if prediction == "eps" else "simple", steps).to(torch.float32)
     x = torch.randn(4096, 2, generator=torch.Generator().manual_seed(42)) * float(sigmas[0])
-    theirs = k.sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 42}, disable=True)
+    # newer ComfyUI seeds the CPU step noise with seed + 1 (v0.3.64 with the seed itself, which repeats the
+    # initial noise); the pack follows the newer rule, so ComfyUI gets that stream here
+    step_noise = k.default_noise_sampler(x, seed=42 + 1)
+    theirs = k.sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 42}, noise_sampler=step_noise, disable=True)
     ours = sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 42}, derivatives="paper",
                          quadrature="comfy_riemann", flow_start="comfy_offset", disable=True)
     rel = float((ours - theirs).norm() / theirs.norm())
@@ -159,7 +162,9 @@ def test_default_is_closer_in_distribution_than_comfy(comfy):
     for steps in (10, 20):
         sigmas = comfy.samplers.calculate_sigmas(sampling, "karras", steps).to(torch.float64)
         x = x0 + float(sigmas[0]) * torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        theirs = gaussian_w2(k.sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 5}, disable=True), mix.mean, mix.covariance)
+        step_noise = k.default_noise_sampler(x, seed=5 + 1)  # the pack's CPU stream (newer ComfyUI's rule)
+        theirs = gaussian_w2(k.sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 5}, noise_sampler=step_noise,
+                                             disable=True), mix.mean, mix.covariance)
         ours = gaussian_w2(sample_er_sde(model, x.clone(), sigmas, extra_args={"seed": 5}, disable=True), mix.mean, mix.covariance)
         print(f"NFE {steps}: Bures-W2 ours {ours:.4f} comfy {theirs:.4f}")
         assert ours < theirs, (steps, ours, theirs)
