@@ -1,11 +1,9 @@
 """ELBO Schedule Optimizer: SIGMAS found by exact dynamic programming for the user's model and data."""
 from __future__ import annotations
 
-import math
-
 from ..samplers.dp_schedule import (
-    DECODERS, OBJECTIVES, VARIANCES, cache_key, cost_matrix, dp_optimal_path, load_probe, nearest_path, path_cost,
-    path_sigmas, probe_local_error, probe_mse, save_probe, start_node,
+    DECODERS, OBJECTIVES, VARIANCES, cache_key, load_probe, probe_local_error, probe_mse, save_probe,
+    schedule_from_probe, start_node,
 )
 from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
 from .comfy_io import CATEGORY, io, mark_advanced
@@ -120,6 +118,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         import torch
 
         import comfy.model_management
+        import comfy.samplers
         import comfy.utils
 
         who = "ELBO Schedule Optimizer"
@@ -131,7 +130,7 @@ class ELBOScheduleOptimizer(io.ComfyNode):
         grid = candidate_grid(ms, candidates)
         if steps > len(grid):
             raise ValueError(f"{who}: {steps} steps need at least as many candidates; raise 'candidates'.")
-        start = start_node(grid, start_sigma, steps, f"{who} node")  # checked before the probe runs
+        start_node(grid, start_sigma, steps, f"{who} node")  # a bad start fails before the probe runs
         samples = latents["samples"]
         data = model.model.process_latent_in(samples.clone())
         bar = comfy.utils.ProgressBar(len(grid))
@@ -167,31 +166,11 @@ class ELBOScheduleOptimizer(io.ComfyNode):
             if use_cache:
                 save_probe(cache_folder(), key, grid, errors, {"candidates": len(grid), "latents": len(samples),
                                                                "seed": seed, "objective": objective})
-        dim = data[0].numel()
-        cost = cost_matrix(grid, errors.mean(0), dim, schedule, variance, decoder) if objective == "elbo" else errors
-        total, path = dp_optimal_path(cost, steps, start)
-        sigmas = path_sigmas(grid, path)
-        report = cls.report(ms, grid, cost, path, total, steps, dim, len(samples), objective)
-        return io.NodeOutput(sigmas, report, ui=sigmas_ui(sigmas))
-
-    @staticmethod
-    def report(ms, grid, cost, path, total, steps, dim, n, objective="elbo") -> str:
-        import comfy.samplers
-
-        scale, unit = (dim * math.log(2), "bits/dim") if objective == "elbo" else (1.0, "local error per element")
-        title = "ELBO-optimal" if objective == "elbo" else "Local-error-optimal (experimental)"
-        lines = [f"{title} schedule, {steps} steps, {len(grid)} candidates, {n} data latents"
-                 + (" (fewer than 16: noisy estimate)" if n < 16 else ""),
-                 "sigmas: " + ", ".join(f"{float(grid[j - 1]) if j else 0.0:.4g}" for j in path),
-                 f"cost per step ({unit}): " + ", ".join(f"{float(cost[a, b]) / scale:.4g}"
-                                                         for a, b in zip(path[:-1], path[1:])),
-                 f"total: {total / scale:.4g} {unit}" + (" (relative: latents are continuous)"
-                                                          if objective == "elbo" else "")]
-        for name in COMPARE_WITH:
-            stock = nearest_path(grid, comfy.samplers.calculate_sigmas(ms, name, steps))
-            value = path_cost(cost, stock) / scale if len(set(stock)) == len(stock) else float("nan")
-            lines.append(f"{name}: {value:.4g} {unit}")
-        return "\n".join(lines)
+        result = schedule_from_probe(errors, grid, steps, data[0].numel(), schedule.parametrization, variance,
+                                     decoder, start_sigma, objective, f"{who} node")
+        stock = {name: comfy.samplers.calculate_sigmas(ms, name, steps) for name in COMPARE_WITH}
+        report = result.report(grid, stock, len(samples))
+        return io.NodeOutput(result.sigmas, report, ui=sigmas_ui(result.sigmas))
 
 
 NODES = [ELBOScheduleOptimizer]

@@ -9,6 +9,7 @@ Node index 0 is the terminal sigma = 0; node j >= 1 is candidate grid[j - 1] (as
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -210,6 +211,55 @@ def start_node(grid: torch.Tensor, start_sigma: float | None, steps: int, who: s
     return start
 
 
+@dataclass(frozen=True)
+class OptimalSchedule:
+    """The DP's answer on a candidate grid: ``sigmas`` (descending, ending in 0), the candidate
+    ``path`` (indices into [0] + grid), its ``total`` cost and the edge-cost matrix it was chosen on."""
+
+    sigmas: torch.Tensor
+    path: list
+    total: float
+    cost: torch.Tensor
+    objective: str
+    dim: int
+
+    def report(self, grid: torch.Tensor, stock: dict, n_latents: int) -> str:
+        """Text report: the chosen sigmas, per-step and total cost (bits/dim for the ELBO), and the same
+        totals for ``stock`` = {name: sigmas} snapped to the grid (nan where two sigmas snap together)."""
+        elbo = self.objective == "elbo"
+        scale, unit = (self.dim * math.log(2), "bits/dim") if elbo else (1.0, "local error per element")
+        title = "ELBO-optimal" if elbo else "Local-error-optimal (experimental)"
+        steps = len(self.path) - 1
+        lines = [f"{title} schedule, {steps} steps, {len(grid)} candidates, {n_latents} data latents"
+                 + (" (fewer than 16: noisy estimate)" if n_latents < 16 else ""),
+                 "sigmas: " + ", ".join(f"{float(grid[j - 1]) if j else 0.0:.4g}" for j in self.path),
+                 f"cost per step ({unit}): " + ", ".join(f"{float(self.cost[a, b]) / scale:.4g}"
+                                                         for a, b in zip(self.path[:-1], self.path[1:])),
+                 f"total: {self.total / scale:.4g} {unit}" + (" (relative: latents are continuous)" if elbo else "")]
+        for name, sigmas in stock.items():
+            snapped = nearest_path(grid, sigmas)
+            value = path_cost(self.cost, snapped) / scale if len(set(snapped)) == len(snapped) else float("nan")
+            lines.append(f"{name}: {value:.4g} {unit}")
+        return "\n".join(lines)
+
+
+def schedule_from_probe(errors: torch.Tensor, grid: torch.Tensor, steps: int, dim: int, parametrization: str = "ve",
+                        variance: str = "small", decoder: str = "sigma", start_sigma: float | None = None,
+                        objective: str = "elbo", who: str = "Schedule optimizer") -> OptimalSchedule:
+    """The exact K-step DP on a probe result (per-sample errors [N, G] for 'elbo', the edge-cost
+    matrix for 'local_error'); ``dim`` = elements per latent."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{who}: unknown objective {objective!r}; choose one of {OBJECTIVES}.")
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    start = start_node(grid, start_sigma, steps, who)
+    if objective == "elbo":
+        cost = cost_matrix(grid, errors.mean(0), dim, NoiseSchedule(parametrization), variance, decoder)
+    else:
+        cost = errors
+    total, path = dp_optimal_path(cost, steps, start)
+    return OptimalSchedule(path_sigmas(grid, path), path, total, cost, objective, dim)
+
+
 def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tensor, parametrization: str = "ve",
                       variance: str = "small", decoder: str = "sigma", seed: int = 0, start_sigma: float | None = None,
                       errors: torch.Tensor | None = None, callback=None, extra_args: dict | None = None,
@@ -221,16 +271,14 @@ def optimize_schedule(model, latents: torch.Tensor, steps: int, grid: torch.Tens
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}.")
     schedule = NoiseSchedule(parametrization)
     grid = torch.as_tensor(grid, dtype=torch.float64)
+    start_node(grid, start_sigma, steps)  # a bad start fails before the probe runs
     if errors is None:
         probe = probe_mse if objective == "elbo" else probe_local_error
         options = {} if objective == "elbo" else {"substeps": substeps}
         errors = probe(model, latents, grid, schedule, seed, callback=callback, extra_args=extra_args, **options)
-    if objective == "elbo":
-        cost = cost_matrix(grid, errors.mean(0), latents[0].numel(), schedule, variance, decoder)
-    else:
-        cost = errors
-    _, path = dp_optimal_path(cost, steps, start_node(grid, start_sigma, steps))
-    return path_sigmas(grid, path), errors
+    result = schedule_from_probe(errors, grid, steps, latents[0].numel(), parametrization, variance, decoder,
+                                 start_sigma, objective)
+    return result.sigmas, errors
 
 
 # ---- the probe cache: m(sigma) per sample, so any step count / variance / decoder is free -----

@@ -279,3 +279,29 @@ def test_start_sigma_below_the_candidates_is_refused(toy):
             optimize_schedule(model, data, steps, grid, errors=errors, start_sigma=start_sigma)
     sigmas, _ = optimize_schedule(model, data, 3, grid, errors=errors, start_sigma=float(grid[2]))
     assert float(sigmas[0]) == pytest.approx(float(grid[2]))
+
+
+def test_schedule_from_probe_and_its_report():
+    """The node's path: per-sample errors -> cost matrix -> exact DP -> report. The report's totals are
+    the path costs in bits per element (cost / (dim ln 2)) for the chosen path and every stock schedule;
+    a stock schedule two of whose sigmas snap to one candidate reports nan."""
+    from comfyui_fast_samplers.samplers.dp_schedule import cost_matrix, schedule_from_probe
+
+    grid = GRID[::25]
+    gen = torch.Generator().manual_seed(3)
+    errors = torch.rand(4, len(grid), dtype=torch.float64, generator=gen) * grid**2 / (1 + grid**2)
+    dim, steps = 16, 5
+    result = schedule_from_probe(errors, grid, steps, dim, "ve", "large", "mse")
+    cost = cost_matrix(grid, errors.mean(0), dim, NoiseSchedule("ve"), "large", "mse")
+    assert torch.equal(result.cost, cost)
+    assert (result.total, result.path) == dp_optimal_path(cost, steps, len(grid))
+    expected = torch.cat([grid[[j - 1 for j in result.path[:-1]]], torch.zeros(1, dtype=grid.dtype)]).float()
+    assert result.path[-1] == 0 and torch.equal(result.sigmas, expected)
+    karras = karras_sigmas(steps, float(grid[0]), float(grid[-1]))
+    clumped = torch.tensor([float(grid[-1]), float(grid[-1]) * 0.999, 1.0, 0.5, 0.1, 0.0], dtype=torch.float64)
+    lines = result.report(grid, {"karras": karras, "clumped": clumped}, n_latents=4).splitlines()
+    bits = dim * math.log(2)
+    assert lines[3] == f"total: {result.total / bits:.4g} bits/dim (relative: latents are continuous)"
+    assert lines[4] == f"karras: {path_cost(cost, nearest_path(grid, karras)) / bits:.4g} bits/dim"
+    assert lines[5] == "clumped: nan bits/dim"
+    assert "fewer than 16" in lines[0]
