@@ -10,187 +10,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
 from .multistep import StepRow, derivative_weights, merge_correction, run_rows
+from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
+    LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficients,
+    taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
+)
 from .schedule import NoiseSchedule, comfy_model_sampling
-
-LOG10 = math.log(10.0)
-
-
-# ---- noise-scale functions phi(lam), written in log-space ---------------------------------
-
-@dataclass(frozen=True)
-class NoiseFunction:
-    """phi through l(L) = log phi(e^L) and kappa(L) = d log phi / d log lam (= 1 + eta(lam)^2).
-
-    ``power`` is p when phi = lam^p (closed-form coefficients); ``log_psi_inf`` is the limit of
-    log(phi/lam) as lam -> inf, which gives the exact first step of a flow model from sigma = 1."""
-
-    name: str
-    log_phi: Callable[[np.ndarray], np.ndarray]
-    kappa: Callable[[np.ndarray], np.ndarray]
-    power: float | None = None
-    log_psi_inf: float = math.inf
-
-    @property
-    def deterministic(self) -> bool:
-        return self.power == 1.0
-
-    def with_strength(self, eta: float) -> "NoiseFunction":
-        """phi_eta = lam (phi/lam)^eta: eta scales the diffusion variance rate; 0 is the ODE."""
-        if eta < 0:
-            raise ValueError(f"ER-SDE: eta must be >= 0, got {eta}.")
-        if eta == 1.0:
-            return self
-        base = self
-        return NoiseFunction(
-            name=f"{self.name}^{eta:g}",
-            log_phi=lambda L: L + eta * (base.log_phi(L) - L),
-            kappa=lambda L: 1.0 + eta * (base.kappa(L) - 1.0),
-            power=None if base.power is None else 1.0 + eta * (base.power - 1.0),
-            log_psi_inf=0.0 if eta == 0 else eta * base.log_psi_inf,
-        )
-
-
-def power_law(p: float) -> NoiseFunction:
-    if not p >= 1.0:
-        raise ValueError(f"ER-SDE: the power-law exponent p must be >= 1 (p < 1 has negative noise variance), got {p}.")
-    return NoiseFunction(
-        name=f"power({p:g})", log_phi=lambda L: p * L, kappa=lambda L: np.full_like(L, p),
-        power=float(p), log_psi_inf=0.0 if p == 1.0 else math.inf,
-    )
-
-
-def sde_1(a: float = 0.0) -> NoiseFunction:
-    """phi = lam (exp(lam^(a-1)/(a-1)) + 10)."""
-    if a == 1.0:
-        raise ValueError("ER-SDE: sde_1 is undefined for a = 1; use a != 1 (default 0).")
-
-    def g(L):
-        return np.exp((a - 1.0) * L) / (a - 1.0)
-
-    return NoiseFunction(
-        name=f"sde_1(a={a:g})",
-        log_phi=lambda L: L + np.logaddexp(g(L), LOG10),
-        kappa=lambda L: 1.0 + np.exp((a - 1.0) * L) / (1.0 + 10.0 * np.exp(-g(L))),
-        log_psi_inf=math.log(11.0) if a < 1.0 else math.inf,
-    )
-
-
-def _sde_4() -> NoiseFunction:
-    """phi = lam^0.9 log10(1 + 100 lam^1.5): kappa < 1 above lam ~ 1e3 (flow starts)."""
-
-    def y(L):
-        return np.exp(math.log(100.0) + 1.5 * L)
-
-    return NoiseFunction(
-        name="sde_4",
-        log_phi=lambda L: 0.9 * L + np.log(np.log1p(y(L))) - math.log(LOG10),
-        kappa=lambda L: 0.9 + 1.5 * (y(L) / (1.0 + y(L))) / np.log1p(y(L)),
-        log_psi_inf=-math.inf,  # psi = phi/lam -> 0 (slowly): the first flow step is an ODE step
-    )
-
-
-def _sde_5() -> NoiseFunction:
-    """phi = lam (exp(lam^0.3) + 10): the published default (ComfyUI's er_sde)."""
-    return NoiseFunction(
-        name="sde_5",
-        log_phi=lambda L: L + np.logaddexp(np.exp(0.3 * L), LOG10),
-        kappa=lambda L: 1.0 + 0.3 * np.exp(0.3 * L) / (1.0 + 10.0 * np.exp(-np.exp(0.3 * L))),
-    )
-
-
-NOISE_KINDS = ("gaussian", "brownian")
-NOISE_FUNCTIONS = ("ode", "reverse_sde", "sde_1", "sde_2", "sde_3", "sde_4", "sde_5", "power")
-
-
-def make_noise_function(name: str = "sde_5", eta: float = 1.0, p: float = 2.0, a: float = 0.0) -> NoiseFunction:
-    """ode: phi = lam; reverse_sde: lam^2 (Anderson); sde_2: lam^1.5; sde_3: lam^2.5;
-    sde_1(a), sde_4, sde_5: the paper's families; power: lam^p (ComfyUI's 'Reverse-time SDE'
-    with slider eta is p = 1 + eta). ``eta`` is the strength phi_eta of any of them."""
-    builders = {
-        "ode": lambda: power_law(1.0),
-        "reverse_sde": lambda: power_law(2.0),
-        "sde_1": lambda: sde_1(a),
-        "sde_2": lambda: power_law(1.5),
-        "sde_3": lambda: power_law(2.5),
-        "sde_4": _sde_4,
-        "sde_5": _sde_5,
-        "power": lambda: power_law(p),
-    }
-    if name not in builders:
-        raise ValueError(f"ER-SDE: unknown noise function {name!r}; choose one of {', '.join(NOISE_FUNCTIONS)}.")
-    return builders[name]().with_strength(eta)
-
-
-# ---- step coefficients c2, c3 --------------------------------------------------------------
-
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
-_PANEL_WIDTH = 0.5  # in v = log(lam/lam_t); 8-node panels of this width: ~5e-15 relative error
-_CLOSED_FORM_MIN_U = 0.05  # below this the power-law closed form of c3 cancels; use quadrature
-
-
-def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float, terms: int = 2) -> tuple:
-    """c_{k+1} = phi_t int_{lam_t}^{lam_s} kappa (lam - lam_s)^k / (k! phi) dlam / lam ... in the sign-definite
-    form (integration by parts), k = 1..terms: c2 = phi_t int 1/phi + (lam_t - lam_s),
-    c3 = phi_t int (lam - lam_s)/phi + (lam_t - lam_s)^2/2; composite Gauss-Legendre in v = log(lam / lam_t)."""
-    u = math.log(lam_s / lam_t)
-    rho = math.exp(u)
-    panels = max(1, math.ceil(u / _PANEL_WIDTH))
-    edges = np.linspace(0.0, u, panels + 1)
-    half = np.diff(edges)[:, None] / 2
-    v = (edges[:-1, None] + half * (1 + _GL_NODES[None, :])).ravel()
-    w = (half * _GL_WEIGHTS[None, :]).ravel()
-    L_t = math.log(lam_t)
-    kernel = w * fn.kappa(L_t + v) * np.exp(fn.log_phi(np.array(L_t)) - fn.log_phi(L_t + v))
-    gap = np.exp(v) - rho  # <= 0
-    return tuple(float(lam_t**k * np.sum(gap**k / math.factorial(k) * kernel)) for k in range(1, terms + 1))
-
-
-def taylor_coefficients_power(p: float, lam_t: float, lam_s: float) -> tuple[float, float]:
-    """Closed forms of c2, c3 for phi = lam^p with E(a) = (rho^a - 1)/a."""
-    u = math.log(lam_s / lam_t)
-
-    def E(a):
-        return u if a == 0 else math.expm1(a * u) / a
-
-    rho_m1 = math.expm1(u)
-    c2 = lam_t * (E(1 - p) - rho_m1)
-    c3 = lam_t**2 * (rho_m1**2 / 2 + E(2 - p) - (rho_m1 + 1) * E(1 - p))
-    return c2, c3
-
-
-def taylor_coefficients_comfy(fn: NoiseFunction, lam_t: float, lam_s: float) -> tuple[float, float]:
-    """ComfyUI's 200-point left Riemann sums in float32 (parity mode only)."""
-    f32 = np.float32
-    lam_t32, lam_s32 = f32(lam_t), f32(lam_s)
-    dt = lam_t32 - lam_s32
-    step = -dt / f32(200.0)
-    pos = lam_t32 + np.arange(200, dtype=np.float32) * step
-    phi = np.exp(fn.log_phi(np.log(pos.astype(np.float64)))).astype(np.float32)
-    phi_t = np.exp(fn.log_phi(np.log(np.float64(lam_t32)))).astype(np.float32)
-    s1 = np.sum(f32(1.0) / phi, dtype=np.float32) * step
-    s_u = np.sum((pos - lam_s32) / phi, dtype=np.float32) * step
-    return float(dt + s1 * phi_t), float(dt * dt / 2 + s_u * phi_t)
-
-
-def taylor_coefficients(fn: NoiseFunction, lam_t: float, lam_s: float, quadrature: str = "exact",
-                        terms: int = 2) -> tuple:
-    """(c2, ..., c_{terms+1}); c4 and beyond always by quadrature."""
-    if quadrature == "comfy_riemann":
-        head = taylor_coefficients_comfy(fn, lam_t, lam_s)
-    elif fn.power is not None and math.log(lam_s / lam_t) >= _CLOSED_FORM_MIN_U:
-        head = taylor_coefficients_power(fn.power, lam_t, lam_s)
-    else:
-        return taylor_coefficients_quadrature(fn, lam_t, lam_s, max(terms, 2))[:terms]
-    if terms <= 2:
-        return head[:terms]
-    return head + taylor_coefficients_quadrature(fn, lam_t, lam_s, terms)[2:]
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
@@ -208,6 +38,7 @@ DERIVATIVES = ("corrected", "paper")
 QUADRATURES = ("exact", "comfy_riemann")
 FLOW_STARTS = ("exact", "comfy_offset")
 FINAL_STEPS = ("denoise", "extrapolate", "corrected")
+NOISE_KINDS = ("gaussian", "brownian")
 
 
 def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
