@@ -412,29 +412,11 @@ def load_bridge_checkpoint(path: str, who: str = "Bridge Model Loader"):
 def save_bridge_safetensors(state_dict: dict, path: str, preset: BridgePreset) -> bool:
     """Write ``path`` atomically and never over an existing file (False if it exists). Attention
     kernels are stored squeezed (Conv1d); the preset goes into the metadata."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
     from .adm_unet import squeeze_attention_kernels
+    from .files import atomic_save_safetensors
 
-    if os.path.exists(path):
-        return False
-    tensors = {k: v.detach().cpu().contiguous() for k, v in squeeze_attention_kernels(state_dict).items()}
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=".fs_bridge_", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: preset.to_json()})
-        try:
-            os.link(tmp, path)  # atomic, fails if path appeared meanwhile
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this file system
-            if os.path.exists(path):
-                return False
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_save_safetensors(squeeze_attention_kernels(state_dict), path, metadata={METADATA_KEY: preset.to_json()})
+    except FileExistsError:  # there already, or appeared while writing: left untouched
+        return False
     return True
