@@ -9,13 +9,14 @@ axpy updates. Spec: shared/specs/dbim.md sections 3, 4.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .bridge import BridgeSchedule
+from .bridge import BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
 import numpy as np
 
 from .common import progress, report, row_seeded_noise
@@ -279,6 +280,30 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
     return x_T + u
 
 
+def bridge_nfe(sampler: str, nfe: int, churn_step_ratio: float = 0.33) -> int:
+    """Model calls ``sample_bridge`` makes for a budget of ``nfe`` (DDBM Heun rounds to whole steps)."""
+    return heun_nfe(heun_steps_for_nfe(nfe, churn_step_ratio), churn_step_ratio) if sampler == "ddbm_heun" else nfe
+
+
+def sample_bridge(sampler: str, denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, nfe: int, *,
+                  eta: float = 0.0, order: int = 1, churn_step_ratio: float = 0.33, spacing: str = "uniform_t",
+                  noise=None, noise_sampler=None, mask=None, callback=None, disable=None) -> torch.Tensor:
+    """The Bridge Sampler's choice at ``nfe`` model calls: ``dbim`` (order 1, ``eta``), ``dbim_high_order``
+    (``order`` 2 or 3, eta 0) or ``ddbm_heun`` (``churn_step_ratio``; ``noise`` unused). Every option is
+    checked here or in the sampler it picks."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if sampler == "ddbm_heun":
+        return sample_ddbm_heun(denoiser, x_T, schedule, heun_steps_for_nfe(nfe, churn_step_ratio),
+                                churn_step_ratio=churn_step_ratio, noise_sampler=noise_sampler, mask=mask,
+                                callback=callback, disable=disable)
+    if sampler == "dbim_high_order" and order not in (2, 3):
+        raise ValueError(f"high-order DBIM needs order 2 or 3, got {order}.")
+    return sample_dbim(denoiser, x_T, schedule, dbim_steps_for_nfe(nfe), spacing=spacing,
+                       eta=eta if sampler == "dbim" else 0.0, order=order if sampler != "dbim" else 1, noise=noise,
+                       noise_sampler=noise_sampler, mask=mask, callback=callback, disable=disable)
+
+
 # ---- the network denoiser ------------------------------------------------------------------------
 
 class BridgeDenoiser:
@@ -333,21 +358,33 @@ class BridgePreset:
         return cls(d["name"], ADMConfig.from_dict(d["adm"]), BridgeSchedule(**d["schedule"]), d["task"], d["resize"])
 
 
-def _presets():
+BRIDGE_PRESET_NAMES = ("e2h", "diode", "imagenet_inpaint", "toy_shapes16")  # the keys of bridge_presets()
+
+
+@functools.cache
+def bridge_presets() -> dict[str, BridgePreset]:
+    """The released models' presets and the toy model's, built on first use (imports the UNet configs)."""
     from .adm_unet import ADM_CONFIGS
     from .bridge import SCHEDULE_PRESETS
     from .bridge_testbed import toy_adm_config
 
-    return {
+    presets = {
         "e2h": BridgePreset("e2h", ADM_CONFIGS["e2h"], SCHEDULE_PRESETS["vp"], "translate", "bicubic"),
         "diode": BridgePreset("diode", ADM_CONFIGS["diode"], SCHEDULE_PRESETS["vp"], "translate", "nearest"),
         "imagenet_inpaint": BridgePreset("imagenet_inpaint", ADM_CONFIGS["imagenet_inpaint"], SCHEDULE_PRESETS["i2sb"],
                                          "inpaint", "bicubic"),
         "toy_shapes16": BridgePreset("toy_shapes16", toy_adm_config(), SCHEDULE_PRESETS["vp"], "translate", "nearest"),
     }
+    assert tuple(presets) == BRIDGE_PRESET_NAMES
+    return presets
 
 
-BRIDGE_PRESETS = _presets()
+def __getattr__(name: str):  # PEP 562: BRIDGE_PRESETS stays importable without building it at import time
+    if name == "BRIDGE_PRESETS":
+        return bridge_presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 METADATA_KEY = "fs_bridge_preset"
 
 
@@ -363,7 +400,7 @@ def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePrese
     if metadata and METADATA_KEY in metadata:
         return BridgePreset.from_json(metadata[METADATA_KEY])
     config = infer_adm_config(state_dict)
-    for preset in BRIDGE_PRESETS.values():  # image size, attention order and head width are not in the weights
+    for preset in bridge_presets().values():  # image size, attention order and head width are not in the weights
         known = preset.adm
         if replace(config, image_size=known.image_size, attention_order=known.attention_order,
                    num_head_channels=known.num_head_channels, dropout=known.dropout) == known:
@@ -412,29 +449,11 @@ def load_bridge_checkpoint(path: str, who: str = "Bridge Model Loader"):
 def save_bridge_safetensors(state_dict: dict, path: str, preset: BridgePreset) -> bool:
     """Write ``path`` atomically and never over an existing file (False if it exists). Attention
     kernels are stored squeezed (Conv1d); the preset goes into the metadata."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
     from .adm_unet import squeeze_attention_kernels
+    from .files import atomic_save_safetensors
 
-    if os.path.exists(path):
-        return False
-    tensors = {k: v.detach().cpu().contiguous() for k, v in squeeze_attention_kernels(state_dict).items()}
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=".fs_bridge_", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: preset.to_json()})
-        try:
-            os.link(tmp, path)  # atomic, fails if path appeared meanwhile
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this file system
-            if os.path.exists(path):
-                return False
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_save_safetensors(squeeze_attention_kernels(state_dict), path, metadata={METADATA_KEY: preset.to_json()})
+    except FileExistsError:  # there already, or appeared while writing: left untouched
+        return False
     return True

@@ -29,7 +29,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: di
                 os.link(tmp, path)
             except FileExistsError:
                 raise FileExistsError(f"{path} appeared while writing; it was left untouched.") from None
-            except OSError:  # a file system without hard links
+            except OSError:  # a file system without hard links: a last check, then rename
+                if path.exists():
+                    raise FileExistsError(f"{path} appeared while writing; it was left untouched.") from None
                 os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
