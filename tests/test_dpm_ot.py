@@ -387,3 +387,18 @@ def test_bad_map_files_raise_clear_errors(tmp_path):
 
 def test_finisher_table_covers_the_pack_samplers():
     assert {"euler", "euler_ancestral", "heun", "dpmpp_2m", "er_sde_3", "er_sde_ode_3"} <= set(FINISHERS)
+
+
+def test_fit_doubles_its_samples_after_three_evaluations_without_progress_up_to_8x():
+    """The stall rule of the fit: a new best resets the count; the third evaluation in a row
+    without progress doubles the fitting samples, never beyond 8x the base."""
+    from comfyui_fast_samplers.samplers.dpm_ot.fit import HeightFit
+
+    fit = HeightFit(torch.randn(4, 2), torch.full((4,), 0.25), "cpu", seed=0, base_samples=100, eval_samples=10,
+                    average_from=0, kappa=0.02, tile_elements=1 << 16)
+    seen = []
+    for error in [1.0, 1.1, 1.2, 0.9, 1.0, 1.0, 1.0] + [2.0] * 12:
+        fit.note_progress(error)
+        seen.append(fit.samples)
+    assert seen[:7] == [100, 100, 100, 100, 100, 100, 200]  # 0.9 reset the count; three stalls after it
+    assert seen[9] == 400 and seen[12] == 800 and max(seen) == 800
