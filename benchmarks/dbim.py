@@ -17,7 +17,7 @@ from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS, dbim_steps_f
 from comfyui_fast_samplers.samplers.bridge_testbed import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, toy_pairs, train_toy_bridge,
 )
-from comfyui_fast_samplers.samplers.common import gaussian_noise_sampler
+from comfyui_fast_samplers.samplers.common import seeded_noise_sampler
 from comfyui_fast_samplers.samplers.dbim import (
     BRIDGE_PRESETS, METADATA_KEY, BridgeDenoiser, detect_preset, load_bridge_checkpoint, sample_dbim, sample_ddbm_heun,
 )
@@ -62,7 +62,7 @@ def exact_section(n: int) -> list[str]:
         for name in [*DBIM_VARIANTS, "DDBM Heun"]:
             cells = []
             for nfe in NFES:
-                out, used, _ = run_sampler(model, X, model.schedule, name, nfe, noise_sampler=gaussian_noise_sampler(X, 0))
+                out, used, _ = run_sampler(model, X, model.schedule, name, nfe, noise_sampler=seeded_noise_sampler(X, 0))
                 cells.append(f"{exact_w2(out, ref):.3f}" + ("" if used == nfe else f" [{used}]"))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)

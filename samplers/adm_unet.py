@@ -255,9 +255,10 @@ def infer_adm_config(state_dict: dict, **overrides) -> ADMConfig:
     return ADMConfig(**fields)
 
 
-def matching_preset(config: ADMConfig) -> str | None:
-    """The released checkpoint whose structure ``config`` has (ignoring image size and order)."""
-    for name, preset in ADM_CONFIGS.items():
+def matching_preset(config: ADMConfig, candidates: dict | None = None) -> str | None:
+    """The name of the config among ``candidates`` (default: the released checkpoints) whose structure
+    ``config`` has; image size, attention order and head width are not in the weights and are ignored."""
+    for name, preset in (ADM_CONFIGS if candidates is None else candidates).items():
         if replace(config, image_size=preset.image_size, attention_order=preset.attention_order,
                    num_head_channels=preset.num_head_channels, dropout=preset.dropout) == preset:
             return name

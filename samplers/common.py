@@ -24,6 +24,9 @@ def check_inputs(x: torch.Tensor, sigmas, sampler: str, schedule: NoiseSchedule)
         )
     if schedule.is_flow and sig[0] > 1.0:
         raise ValueError(f"{sampler}: a flow (CONST) model needs sigmas in [0, 1]; the first is {float(sig[0])}.")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{sampler}: the latent batch is empty (shape {tuple(x.shape)}); connect a latent with at "
+                         "least one sample (batch_size >= 1).")
     if not torch.isfinite(x).all():
         raise ValueError(f"{sampler}: the input latent contains NaN or infinity; check the noise and latent inputs.")
     return sig
@@ -69,11 +72,6 @@ def row_seeded_noise(seed: int, like: torch.Tensor):
         return z.to(like.device, like.dtype)
 
     return draw
-
-
-def gaussian_noise_sampler(x: torch.Tensor, seed=None):
-    """``seeded_noise_sampler`` whose sigma arguments may be left out (kept for callers that call ``noise()``)."""
-    return seeded_noise_sampler(x, seed)
 
 
 def step_noise_scale(model, s_noise: float) -> float:

@@ -392,19 +392,16 @@ def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePrese
     """The preset stored in our safetensors metadata, else the preset (a released checkpoint or the toy
     model) with this structure, else a custom preset from the inferred structure (label_emb -> ImageNet-style
     i2sb inpainting with legacy attention, otherwise a VP translation model with the DDBM attention order)."""
-    from dataclasses import replace
-
-    from .adm_unet import infer_adm_config
+    from .adm_unet import infer_adm_config, matching_preset
     from .bridge import SCHEDULE_PRESETS
 
     if metadata and METADATA_KEY in metadata:
         return BridgePreset.from_json(metadata[METADATA_KEY])
     config = infer_adm_config(state_dict)
-    for preset in bridge_presets().values():  # image size, attention order and head width are not in the weights
-        known = preset.adm
-        if replace(config, image_size=known.image_size, attention_order=known.attention_order,
-                   num_head_channels=known.num_head_channels, dropout=known.dropout) == known:
-            return preset
+    presets = bridge_presets()
+    name = matching_preset(config, {key: preset.adm for key, preset in presets.items()})
+    if name is not None:
+        return presets[name]
     inpaint = config.num_classes is not None
     return BridgePreset("custom", config, SCHEDULE_PRESETS["i2sb" if inpaint else "vp"],
                         "inpaint" if inpaint else "translate")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import gaussian_noise_sampler, progress, report, setup_run
+from .common import progress, report, seeded_noise_sampler, setup_run
 from .schedule import NoiseSchedule
 
 PICK_SEED_OFFSET = 0x6D1C  # component picks: a stream apart from the step noise (seed + 1 on the CPU)
@@ -184,17 +184,13 @@ def sample_ddim_gmm(model, x, sigmas, extra_args=None, callback=None, disable=No
     (paper) or 'relative' (fraction of the strictly feasible maximum). Offsets come from
     ``offset_seed``; noise and component picks from extra_args['seed']."""
     extra_args = {} if extra_args is None else extra_args
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError("DDIM-GMM (DDIM-GMM Sampler node / fs_ddim_* KSampler entries): the latent batch is empty "
-                         f"(shape {tuple(x.shape)}); connect a latent with at least one sample (batch_size >= 1).")
-    schedule, sig, s_in = setup_run(model, x, sigmas, "DDIM-GMM", parametrization)
+    schedule, sig, s_in = setup_run(model, x, sigmas, "DDIM-GMM (DDIM-GMM Sampler node / fs_ddim_* KSampler entries)", parametrization)
     batch, dim = x.shape[0], x[0].numel()
     plan = plan_ddim_gmm(sig, schedule, dim, eta, eta_convention, components, scale, scale_units, offsets, covariance,
                          share_across_steps, offset_seed, skip_last_offsets, on_infeasible)
     seed = extra_args.get("seed")
-    noise = gaussian_noise_sampler(x, seed)
-    mixture_steps = [i for i, step in enumerate(plan) if step.mixture]
-    if mixture_steps:  # directions and every pick of the run, on the device, once
+    noise = seeded_noise_sampler(x, seed)
+    if any(step.mixture for step in plan):  # directions and every pick of the run, on the device, once
         K = min(int(components), dim)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         directions = make_directions(dim, K, offset_seed, x.device, work)

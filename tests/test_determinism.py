@@ -46,6 +46,14 @@ def _run_preset(name, model, seed):
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_dropdown_sampler_refuses_an_empty_batch(name, exact_model):
+    """The shared input check (common.check_inputs) names the empty batch for every sampler."""
+    with pytest.raises(ValueError, match="latent batch is empty"):
+        SAMPLERS[name](exact_model, torch.zeros(0, *SHAPE[1:], dtype=torch.float64), karras_sigmas(6, 0.03, 14.6),
+                       extra_args={"seed": 0}, disable=True)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_dropdown_sampler_is_deterministic_per_seed(name, exact_model):
     """Same seed: bit-identical; another seed with the same start latent: another output (stochastic
     samplers) or the same one (ODE samplers)."""
