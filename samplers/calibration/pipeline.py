@@ -11,7 +11,6 @@ import functools
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
@@ -20,60 +19,17 @@ from ..dp_schedule import cache_key
 from ..er_sde import check_options, plan_er_sde, sample_er_sde
 from ..presets import SAMPLERS
 from ..schedule import NoiseSchedule, comfy_model_sampling, resolve_schedule
+from .report import VERSION, CalibrationReport, load_cached, save_cached
 from .search import (
     SigmaRange, Stepper, candidate_grid, fine_grid, mean_error, refine, solver_aware_dp, teacher_solve,
 )
 
-VERSION = "1"
 PACK_FUNCTIONS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
 TEACHER = functools.partial(sample_er_sde, order=3, noise_fn="ode", corrector=True)
 TEACHER_ORDER = 4
 # what a sampler raises on a schedule it cannot take (ComfyUI's uni_pc: a singular step matrix); an
 # interruption (ComfyUI's InterruptProcessingException) is none of these and stops the calibration
 SAMPLER_FAILURES = (RuntimeError, ValueError, ArithmeticError, IndexError)
-
-
-@dataclass
-class CalibrationReport:
-    steps: int
-    sampler: str
-    sigmas: list
-    calibration_error: float
-    holdout_error: float | None
-    stock: dict = field(default_factory=dict)  # name -> (calibration error, hold-out error)
-    teacher_error: float | None = None  # estimated error of the teacher's final output
-    model_calls: dict = field(default_factory=dict)  # stage -> batched calls (one per N noises)
-    sampler_options: dict = field(default_factory=dict)  # options the calibration chose (pack samplers)
-    seconds: float = 0.0
-    warnings: list = field(default_factory=list)
-    cached: bool = False
-
-    def best_stock(self, key: int = 1):
-        rows = {k: v for k, v in self.stock.items() if v[key] is not None}
-        return min(rows.items(), key=lambda kv: kv[1][key]) if rows else None
-
-    def to_text(self) -> str:
-        held = self.holdout_error is not None
-        col = 1 if held else 0
-        lines = [f"Calibrated schedule for {self.sampler}, {self.steps} steps"
-                 + (" (from the cache: no model calls)" if self.cached else ""),
-                 "sigmas: " + ", ".join(f"{s:.4g}" for s in self.sigmas),
-                 f"error vs the model's own fine solve (mean per-sample L2, {'hold-out' if held else 'calibration'} "
-                 f"noises): calibrated {[self.calibration_error, self.holdout_error][col]:.4g}"]
-        for name, errors in sorted(self.stock.items(), key=lambda kv: (kv[1][col] is None, kv[1][col] or 0.0)):
-            if errors[col] is not None:
-                lines.append(f"  {name}: {errors[col]:.4g}")
-        if held:
-            lines.append(f"calibration-batch error {self.calibration_error:.4g} (hold-out / calibration "
-                         f"{self.holdout_error / max(self.calibration_error, 1e-30):.2f})")
-        if self.teacher_error is not None:
-            lines.append(f"teacher error (estimate): {self.teacher_error:.3g}")
-        if self.sampler_options:
-            lines.append("sampler options chosen: " + ", ".join(f"{k}={v}" for k, v in self.sampler_options.items()))
-        calls = ", ".join(f"{k} {v}" for k, v in self.model_calls.items())
-        lines.append(f"model calls (batched): {sum(self.model_calls.values())} ({calls}); {self.seconds:.1f} s")
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
 
 
 class _CountingModel:
@@ -378,34 +334,3 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     if key is not None:
         save_cached(cache_dir, key, sigmas, report)
     return sigmas, report
-
-
-def load_cached(folder, key: str):
-    """(sigmas, report) stored under ``key``, or None (missing or unreadable: the calibration runs again)."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    path = Path(folder) / f"{key}.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            sigmas, meta = f.get_tensor("sigmas"), f.metadata()
-        fields = json.loads(meta["report"])
-    except Exception:  # damaged: left in place, recomputed
-        return None
-    report = CalibrationReport(**{**fields, "cached": True, "model_calls": {}, "seconds": 0.0})
-    return sigmas, report
-
-
-def save_cached(folder, key: str, sigmas: torch.Tensor, report: CalibrationReport) -> None:
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from ..files import atomic_save_safetensors
-
-    atomic_save_safetensors({"sigmas": sigmas}, Path(folder) / f"{key}.safetensors", overwrite=True,
-                            metadata={"format": "fs_calibration/" + VERSION, "report": json.dumps(asdict(report))})
