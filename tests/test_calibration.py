@@ -182,3 +182,23 @@ def test_refinement_never_reaches_the_start():
     assert not feasible([z_start, z_start - 1.0], rng, 0.05)
     assert not feasible([z_start - 0.01, z_start - 1.0], rng, 0.05)
     assert feasible([z_start - 0.05, z_start - 1.0], rng, 0.05)
+
+
+def test_variants_cover_every_final_step_once():
+    """The calibration tries each final step and (flow) form once: the sampler's own options as {} and every
+    other final step, never the own one again (a duplicate would spend refinement trials twice)."""
+    from comfyui_fast_samplers.samplers.calibration.pipeline import default_variants
+
+    preset = SAMPLERS["fs_er_sde_ode_3_unic"]
+    own = preset.options["final_step"]
+    for flow in (False, True):
+        variants = default_variants(preset.func, preset.options, flow)
+        finals = [{}] + [v for v in variants if "parametrization" not in v]
+        chosen = [v.get("final_step", own) for v in finals]
+        assert sorted(chosen) == ["corrected", "denoise", "extrapolate"]
+        forms = [v for v in variants if v.get("parametrization") == "ve"]
+        assert len(forms) == (3 if flow else 0)
+    plain = SAMPLERS["fs_er_sde_ode_3"]  # no corrector: no corrected final step
+    assert sorted(v.get("final_step", "denoise") for v in [{}] + default_variants(plain.func, plain.options, False)) \
+        == ["denoise", "extrapolate"]
+    assert default_variants(sample_dpmpp_2m, {}, True) == []

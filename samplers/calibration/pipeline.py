@@ -85,12 +85,14 @@ def planner_for(fn, options: dict, model):
 
 
 def default_variants(fn, options: dict, flow: bool) -> list[dict]:
-    """Options of the pack's ER ODE samplers the calibration also tries: the other final steps (Taylor
-    extrapolation; with the corrector, the corrected clean prediction) and, on flow models, the sigma form of
-    the ODE (parametrization 've') with each. None for other samplers."""
+    """Options of the pack's ER ODE samplers the calibration also tries: the final steps other than the
+    sampler's own (denoise, Taylor extrapolation and, with the corrector, the corrected clean prediction) and,
+    on flow models, the sigma form of the ODE (parametrization 've') with each. None for other samplers."""
     if fn is not sample_er_sde or options.get("noise_fn", "sde_5") != "ode":
         return []
-    finals = [{}, {"final_step": "extrapolate"}] + ([{"final_step": "corrected"}] if options.get("corrector") else [])
+    own = options.get("final_step", "denoise")
+    finals = [{}] + [{"final_step": f} for f in ("denoise", "extrapolate", "corrected")
+                     if f != own and (f != "corrected" or options.get("corrector"))]
     forms = [{}] + ([{"parametrization": "ve"}] if flow and options.get("parametrization") is None else [])
     return [{**form, **final} for form in forms for final in finals if form or final]
 
