@@ -207,8 +207,9 @@ PRESETS = {
     "er_sde_3": {"order": 3, "noise_fn": "sde_5"},
     "er_sde_ode_3": {"order": 3, "noise_fn": "ode"},
     "er_sde_sde_3": {"order": 3, "noise_fn": "reverse_sde"},
-    # final_step "corrected": on the stock schedules of benchmarks/results/calibration.md it gave a lower error
-    # than "denoise" in 62 of 72 cells (geometric mean of the ratio to ComfyUI's best 1.18 vs 1.28)
+    # final_step "corrected": on the 72 (model, NFE 5/10, stock schedule) cells of benchmarks/calibration.py it
+    # gave a lower error than "denoise" in 50, a higher one in 10 (ratio to ComfyUI's best there: geometric
+    # mean 1.20 vs 1.31)
     "er_sde_ode_3_unic": {"order": 3, "noise_fn": "ode", "corrector": True, "final_step": "corrected"},
 }
 
