@@ -51,6 +51,7 @@ COMFY_CALIBRATED = ("gradient_estimation", "ipndm", "uni_pc", "dpmpp_2m")
 MODELS = ("ve-2d", "ve-64d", "flow-2d", "flow-256d", "digits-eps", "digits-flow")
 OUT = REPO / "benchmarks" / "results" / "calibration.md"
 PLOT = REPO / "docs" / "calibration.png"
+PEER_CACHE = REPO / "benchmarks" / ".cache"
 
 
 def build_model(name: str):
@@ -143,6 +144,30 @@ def same_schedule_rows(model, ms, hold, reference, nfes, peers) -> list[dict]:
     return rows
 
 
+def cached_peer_table(name: str, model, ms, hold, reference, nfes) -> list:
+    """``comfy_peers.peer_table``, stored under benchmarks/.cache/ (git-ignored). The key covers ComfyUI's
+    version, the harness's source, the model, the NFEs, the hold-out noises and the reference those peers are
+    scored against (its bytes at sigma_max), so a change to any of them runs the peers again."""
+    import dataclasses
+    import hashlib
+    import json
+
+    start = torch.tensor([float(ms.sigma_max), 0.0], dtype=torch.float64)
+    digest = hashlib.sha256()
+    for part in (cp.import_comfy().version, Path(cp.__file__).read_bytes(), name, repr(list(nfes)),
+                 hold.numpy().tobytes(), reference(start).numpy().tobytes()):
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    path = PEER_CACHE / f"peers-{name}-{digest.hexdigest()[:16]}.json"
+    if path.is_file():
+        return [cp.Row(**row) for row in json.loads(path.read_text())]
+    peers = cp.peer_table(model, ms, hold, reference, nfes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([dataclasses.asdict(r) for r in peers]))
+    tmp.replace(path)
+    return peers
+
+
 def run_model(name: str, nfes, n_cal: int, n_hold: int, quick: bool, every_sampler: bool = False) -> dict:
     denoiser, ms, kind, dim, reference_fn = build_model(name)
     model = cp.ComfyModel(denoiser, ms)
@@ -151,7 +176,7 @@ def run_model(name: str, nfes, n_cal: int, n_hold: int, quick: bool, every_sampl
     hold = torch.randn(hold_n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     reference = reference_fn(hold)
     t0 = time.perf_counter()
-    peers = cp.peer_table(model, ms, hold, reference, nfes)
+    peers = cached_peer_table(name, model, ms, hold, reference, nfes)
     best = {nfe: cp.best_peer(peers, nfe, full_start=True) for nfe in nfes}
     t_peers = time.perf_counter() - t0
     names = (DEFAULT,) + (() if quick else PACK_CALIBRATED[1:]) + (COMFY_CALIBRATED if every_sampler else ())
