@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..samplers.er_sde import (
-    DERIVATIVES, FINAL_STEPS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options,
+    DERIVATIVES, FINAL_STEPS, FLOW_FORMS, FLOW_STARTS, NOISE_FUNCTIONS, NOISE_KINDS, QUADRATURES, check_options,
     sample_er_sde,
 )
 from .comfy_io import CATEGORY, io, mark_advanced
@@ -72,17 +72,25 @@ class ERSDESolverSampler(io.ComfyNode):
                                          "the step that led to it. One order more accurate at the same number of model "
                                          "calls (the fs_er_sde_ode_3_unic preset).",
                                  display_name="corrector (deterministic only)"),
-            ], "p", "a", "derivatives", "quadrature", "flow_start"),
+                io.Combo.Input("flow_form", options=["auto", *FLOW_FORMS], default="auto", optional=True,
+                               tooltip="Flow models, deterministic only: the variable the model's prediction is "
+                                       "interpolated in. lambda = sigma/(1-sigma) (loses the first evaluation, at "
+                                       "sigma 1, for the next steps), sigma (keeps it, as ComfyUI's samplers do), "
+                                       "hybrid (sigma while the first evaluation is in use, then lambda; best on "
+                                       "most schedules measured). auto: hybrid for the ODE, lambda for the SDE.",
+                               display_name="flow models: interpolation"),
+            ], "p", "a", "derivatives", "quadrature", "flow_start", "flow_form"),
             outputs=[io.Sampler.Output(tooltip="Connect to the sampler input of SamplerCustom(Advanced).")],
         )
 
     @classmethod
     def execute(cls, order, noise_fn, eta, p, a, s_noise, noise, derivatives, quadrature, flow_start, final_step,
-                corrector=False) -> io.NodeOutput:
+                corrector=False, flow_form="auto") -> io.NodeOutput:
         import comfy.samplers
 
         options = dict(order=order, noise_fn=noise_fn, eta=eta, p=p, a=a, s_noise=s_noise, noise=noise, derivatives=derivatives,
-                       quadrature=quadrature, flow_start=flow_start, final_step=final_step, corrector=corrector)
+                       quadrature=quadrature, flow_start=flow_start, final_step=final_step, corrector=corrector,
+                       flow_form=None if flow_form == "auto" else flow_form)
         try:
             check_options(**options)
         except ValueError as err:  # ComfyUI 0.3.64 does not check V3 combo values itself

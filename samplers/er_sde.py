@@ -38,12 +38,16 @@ DERIVATIVES = ("corrected", "paper")
 QUADRATURES = ("exact", "comfy_riemann")
 FLOW_STARTS = ("exact", "comfy_offset")
 FINAL_STEPS = ("denoise", "extrapolate", "corrected")
+# The variable a flow model's ODE steps interpolate the denoiser in: lambda = sigma / (1 - sigma) (infinite at
+# sigma = 1, so the first evaluation drops out of the next steps' history), sigma (keeps it: what ComfyUI's
+# samplers do), or sigma on the steps whose history holds sigma = 1 and lambda after them.
+FLOW_FORMS = ("hybrid", "lambda", "sigma")
 NOISE_KINDS = ("gaussian", "brownian")
 
 
 def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
                   final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, p=2.0, a=0.0,
-                  corrector=False):
+                  corrector=False, flow_form=None):
     """Raise a ValueError naming the bad option (the node calls this before sampling starts)."""
     for value, allowed, what in ((order, ORDERS, "order"), (derivatives, DERIVATIVES, "derivatives"),
                                  (quadrature, QUADRATURES, "quadrature"), (flow_start, FLOW_STARTS, "flow_start"),
@@ -55,7 +59,19 @@ def check_options(order=3, derivatives="corrected", quadrature="exact", flow_sta
     fn = make_noise_function(noise_fn, eta=eta, p=p, a=a)
     if corrector and not fn.deterministic:
         raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {fn.name}.")
+    if flow_form is not None and flow_form not in FLOW_FORMS:
+        raise ValueError(f"ER-SDE: flow_form must be one of {FLOW_FORMS}, got {flow_form!r}.")
+    if flow_form not in (None, "lambda") and not fn.deterministic:
+        raise ValueError(f"ER-SDE: flow_form {flow_form!r} is for the ODE only (noise_fn 'ode' or eta 0); the SDE "
+                         "runs in lambda.")
     return fn
+
+
+def resolved_flow_form(flow_form, noise_fn: NoiseFunction) -> str:
+    """The default: 'hybrid' for the ODE (measured best on most stock flow schedules), 'lambda' for the SDE."""
+    if flow_form is not None:
+        return flow_form
+    return "hybrid" if noise_fn.deterministic else "lambda"
 
 
 def _derivative_weights(lams: list[float], order: int, derivatives: str) -> np.ndarray:
@@ -99,21 +115,30 @@ def plan_er_sde(
     s_noise: float = 1.0,
     flow_start_sigma: float | None = None,
     corrector: bool = False,
+    flow_form: str | None = None,
 ) -> ERSDEPlan:
     """All coefficients of a run, in float64 on the host. Row i depends only on sigmas[: i + 2]."""
     check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
                   final_step=final_step, s_noise=s_noise)
+    flow_form = resolved_flow_form(flow_form, noise_fn) if schedule.is_flow else "lambda"
+    if flow_form != "lambda" and not noise_fn.deterministic:
+        raise ValueError(f"ER-SDE: flow_form {flow_form!r} is for the ODE only; the SDE runs in lambda.")
     if corrector and not noise_fn.deterministic:
         raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {noise_fn.name}.")
     sig = sigmas.to(torch.float64).clone()
     if schedule.is_flow and flow_start == "comfy_offset" and sig[0] >= 1.0:
         sig[0] = flow_start_sigma if flow_start_sigma is not None else 1.0 - 1e-4
     tab = schedule.coefficients(sig)
-    sig_list, alpha, s, lam, log_lam = (t.tolist() for t in (tab.sigma, tab.alpha, tab.s, tab.lam, tab.log_lam))
+    sig_list, log_lam = tab.sigma.tolist(), tab.log_lam.tolist()
+    own_form = tuple(t.tolist() for t in (tab.alpha, tab.s, tab.lam))  # (alpha, s, lam) per sigma
+    sigma_form = own_form
+    if flow_form != "lambda":  # the same ODE, dx/dsigma = (x - D)/sigma, with the denoiser a polynomial in sigma
+        ve = NoiseSchedule("ve").coefficients(sig)
+        sigma_form = tuple(t.tolist() for t in (ve.alpha, ve.s, ve.lam))
     L_arr = np.array(log_lam)
     log_psi = np.where(np.isfinite(L_arr), noise_fn.log_phi(np.where(np.isfinite(L_arr), L_arr, 0.0)) - L_arr, np.nan)
     plan = ERSDEPlan(model_sigmas=sig)
-    history: list[float] = []  # lam of past evaluations, newest first
+    evaluated: list[int] = []  # indices of past evaluations, newest first
     pending = None  # the corrector's change of the current state, folded into the step that leaves it
     stochastic = s_noise > 0 and not noise_fn.deterministic
     for i in range(len(sig) - 1):
@@ -121,7 +146,10 @@ def plan_er_sde(
         if sig_t == sig_s:
             plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
             continue
-        history.insert(0, lam[i])
+        evaluated.insert(0, i)
+        at_top = any(not math.isfinite(own_form[2][j]) for j in evaluated[:order])
+        alpha, s, lam = sigma_form if flow_form == "sigma" or (flow_form == "hybrid" and at_top) else own_form
+        history = [lam[j] for j in evaluated]  # lam of past evaluations, newest first
         usable = 0
         for h in history:
             if not math.isfinite(h) or usable >= order:
@@ -236,6 +264,7 @@ def sample_er_sde(
     noise: str = "gaussian",
     noise_sampler=None,
     corrector: bool = False,
+    flow_form: str | None = None,
 ):
     """ER-SDE-Solver of order 1-3 in the k-diffusion convention.
 
@@ -247,21 +276,23 @@ def sample_er_sde(
     (with the corrector: the clean prediction plus the corrector's change of the last state, the denoiser's
     Jacobian taken as 1); ``corrector`` (ODE only): each state is
     corrected with the model output taken there (UniC-style, exact weights; no extra evaluation, one
-    order more); ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI model
+    order more); ``flow_form`` (flow models, ODE): the variable the denoiser is interpolated in, 'lambda'
+    (sigma / (1 - sigma)), 'sigma', or 'hybrid' (sigma on the steps whose history holds sigma = 1, then lambda;
+    the ODE's default); ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI model
     ('ve' on a flow model runs the ODE in its sigma form); ``noise`` 'gaussian' (ComfyUI's seeded
     per-step stream) or 'brownian' (one Brownian path per seed whatever the step count; needs
     torchsde, which ComfyUI ships); ``noise_sampler(sigma, sigma_next)`` overrides both."""
     extra_args = {} if extra_args is None else extra_args
     schedule, sig, _ = setup_run(model, x, sigmas, "ER-SDE", parametrization)
     fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a,
-                       corrector)
+                       corrector, flow_form)
     offset_sigma = None
     if flow_start == "comfy_offset":
         ms = comfy_model_sampling(model)
         if ms is not None and hasattr(ms, "percent_to_sigma"):
             offset_sigma = float(ms.percent_to_sigma(1e-4))
     plan = plan_er_sde(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
-                       step_noise_scale(model, s_noise), offset_sigma, corrector)
+                       step_noise_scale(model, s_noise), offset_sigma, corrector, flow_form)
     if noise_sampler is None:
         if noise == "brownian":
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))

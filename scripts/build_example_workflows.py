@@ -55,7 +55,7 @@ def er_sde_sampler_custom() -> dict:
         "5": {"class_type": "FS_ERSDESolver", "inputs": {
             "order": 3, "noise_fn": "sde_5", "eta": 1.0, "p": 2.0, "a": 0.0, "s_noise": 1.0, "noise": "gaussian",
             "derivatives": "corrected", "quadrature": "exact", "flow_start": "exact", "final_step": "denoise",
-            "corrector": False}},
+            "corrector": False, "flow_form": "auto"}},
         "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 20, "denoise": 1.0}},
         "7": {"class_type": "FS_PlotSigmas", "inputs": {"sigmas": ["6", 0]}},
         "8": {"class_type": "SamplerCustom", "inputs": {

@@ -193,11 +193,11 @@ def test_variants_cover_every_final_step_once():
     own = preset.options["final_step"]
     for flow in (False, True):
         variants = default_variants(preset.func, preset.options, flow)
-        finals = [{}] + [v for v in variants if "parametrization" not in v]
+        finals = [{}] + [v for v in variants if "flow_form" not in v]
         chosen = [v.get("final_step", own) for v in finals]
         assert sorted(chosen) == ["corrected", "denoise", "extrapolate"]
-        forms = [v for v in variants if v.get("parametrization") == "ve"]
-        assert len(forms) == (3 if flow else 0)
+        forms = [v for v in variants if v.get("flow_form") == "sigma"]
+        assert len(forms) == (3 if flow else 0) and len(forms) + len(finals) == len(variants) + 1
     plain = SAMPLERS["fs_er_sde_ode_3"]  # no corrector: no corrected final step
     assert sorted(v.get("final_step", "denoise") for v in [{}] + default_variants(plain.func, plain.options, False)) \
         == ["denoise", "extrapolate"]

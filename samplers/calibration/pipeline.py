@@ -71,11 +71,11 @@ def planner_for(fn, options: dict, model):
     ComfyUI runs it) for any other sampler, whose own steps only the refinement sees."""
     native = resolve_schedule(model, options.get("parametrization"))
     if fn is sample_er_sde:
-        kept = {k: options[k] for k in ("order", "derivatives", "quadrature", "flow_start", "final_step", "corrector")
-                if k in options}
+        kept = {k: options[k] for k in ("order", "derivatives", "quadrature", "flow_start", "final_step", "corrector",
+                                        "flow_form") if k in options}
         noise_fn = check_options(**{k: v for k, v in options.items() if k in (
             "order", "derivatives", "quadrature", "flow_start", "final_step", "s_noise", "noise", "noise_fn", "eta",
-            "p", "a", "corrector")})
+            "p", "a", "corrector", "flow_form")})
         return lambda sig: plan_er_sde(sig, native, noise_fn, s_noise=0.0, **kept).rows
     if fn is sample_euler:
         return plan_euler
@@ -87,13 +87,16 @@ def planner_for(fn, options: dict, model):
 def default_variants(fn, options: dict, flow: bool) -> list[dict]:
     """Options of the pack's ER ODE samplers the calibration also tries: the final steps other than the
     sampler's own (denoise, Taylor extrapolation and, with the corrector, the corrected clean prediction) and,
-    on flow models, the sigma form of the ODE (parametrization 've') with each. None for other samplers."""
+    on flow models, the other flow form of hybrid / sigma (``er_sde.FLOW_FORMS``) with each. None for other
+    samplers."""
     if fn is not sample_er_sde or options.get("noise_fn", "sde_5") != "ode":
         return []
     own = options.get("final_step", "denoise")
     finals = [{}] + [{"final_step": f} for f in ("denoise", "extrapolate", "corrected")
                      if f != own and (f != "corrected" or options.get("corrector"))]
-    forms = [{}] + ([{"parametrization": "ve"}] if flow and options.get("parametrization") is None else [])
+    own_form = options.get("flow_form") or "hybrid"
+    forms = [{}] + ([{"flow_form": f} for f in ("hybrid", "sigma") if f != own_form]
+                    if flow and options.get("parametrization") is None else [])
     return [{**form, **final} for form in forms for final in finals if form or final]
 
 
