@@ -14,10 +14,10 @@ from comfyui_fast_samplers.samplers.adm_unet import build_adm_unet, infer_adm_co
 from comfyui_fast_samplers.samplers.bridge_testbed import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, solve_bridge_ode, toy_pairs,
 )
-from comfyui_fast_samplers.samplers.dbim import (
-    BridgeDenoiser, _drift, detect_preset, encode_dbim, interpolate_dbim, load_bridge_checkpoint, plan_dbim,
-    row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors, slerp,
-)
+from comfyui_fast_samplers.samplers.bridge_checkpoints import detect_preset, load_bridge_checkpoint, save_bridge_safetensors
+from comfyui_fast_samplers.samplers.bridge_denoiser import BridgeDenoiser
+from comfyui_fast_samplers.samplers.dbim import encode_dbim, interpolate_dbim, plan_dbim, row_seeded_noise, sample_dbim, slerp
+from comfyui_fast_samplers.samplers.ddbm import _drift, sample_ddbm_heun
 from comfyui_fast_samplers.samplers.testbed import exact_w2
 
 F64 = torch.float64
