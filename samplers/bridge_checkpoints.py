@@ -51,16 +51,15 @@ BRIDGE_PRESET_NAMES = ("e2h", "diode", "imagenet_inpaint", "toy_shapes16")  # th
 @functools.cache
 def bridge_presets() -> dict[str, BridgePreset]:
     """The released models' presets and the toy model's, built on first use (imports the UNet configs)."""
-    from .adm_unet import ADM_CONFIGS
+    from .adm_unet import ADM_CONFIGS, TOY_ADM_CONFIG
     from .bridge import SCHEDULE_PRESETS
-    from .bridge_testbed import toy_adm_config
 
     presets = {
         "e2h": BridgePreset("e2h", ADM_CONFIGS["e2h"], SCHEDULE_PRESETS["vp"], "translate", "bicubic"),
         "diode": BridgePreset("diode", ADM_CONFIGS["diode"], SCHEDULE_PRESETS["vp"], "translate", "nearest"),
         "imagenet_inpaint": BridgePreset("imagenet_inpaint", ADM_CONFIGS["imagenet_inpaint"], SCHEDULE_PRESETS["i2sb"],
                                          "inpaint", "bicubic"),
-        "toy_shapes16": BridgePreset("toy_shapes16", toy_adm_config(), SCHEDULE_PRESETS["vp"], "translate", "nearest"),
+        "toy_shapes16": BridgePreset("toy_shapes16", TOY_ADM_CONFIG, SCHEDULE_PRESETS["vp"], "translate", "nearest"),
     }
     assert tuple(presets) == BRIDGE_PRESET_NAMES
     return presets

@@ -209,9 +209,11 @@ def fill_colours(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def toy_adm_config():
-    from .adm_unet import ADMConfig
+    """The toy UNet's structure (``adm_unet.TOY_ADM_CONFIG``, which the toy preset uses)."""
+    from .adm_unet import TOY_ADM_CONFIG
 
-    return ADMConfig(TOY_SIZE, 32, (1, 1), 1, (2,), num_head_channels=32)
+    assert TOY_ADM_CONFIG.image_size == TOY_SIZE
+    return TOY_ADM_CONFIG
 
 
 def train_toy_bridge(steps: int = 1500, batch: int = 32, lr: float = 1e-3, seed: int = 0, log=print):
