@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
 from .multistep import StepRow, derivative_weights, merge_correction, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
     LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficients,
     taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
-from .schedule import NoiseSchedule, comfy_model_sampling
+from .schedule import NoiseSchedule
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
@@ -252,11 +253,7 @@ def sample_er_sde(
     schedule, sig, _ = setup_run(model, x, sigmas, "ER-SDE", parametrization)
     fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a,
                        corrector)
-    offset_sigma = None
-    if flow_start == "comfy_offset":
-        ms = comfy_model_sampling(model)
-        if ms is not None and hasattr(ms, "percent_to_sigma"):
-            offset_sigma = float(ms.percent_to_sigma(1e-4))
+    offset_sigma = flow_start_offset_sigma(model) if flow_start == "comfy_offset" else None
     plan = plan_er_sde(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
                        step_noise_scale(model, s_noise), offset_sigma, corrector)
     if noise_sampler is None:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .comfy_compat import (  # noqa: F401  (the ComfyUI reads, importable from here as before)
+    comfy_model_sampling, noise_scale_of, parametrization_of_model_sampling, parametrization_of_prediction,
+    prediction_type,
+)
+
 PARAMETRIZATIONS = ("ve", "vp", "flow")
-
-# ComfyUI prediction classes (comfy/model_sampling.py) and how their k-diffusion sigma behaves.
-_FLOW_CLASSES = {"CONST"}
-_VE_CLASSES = {"EPS", "V_PREDICTION", "EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"}
-
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -95,43 +95,6 @@ class ScheduleTable:
     log_lam: torch.Tensor
 
 
-def parametrization_of_model_sampling(model_sampling) -> str:
-    """'ve' or 'flow' for a ComfyUI model_sampling object, by duck typing (no comfy import)."""
-    names = {cls.__name__ for cls in type(model_sampling).__mro__}
-    if names & _FLOW_CLASSES:
-        return "flow"
-    if names & _VE_CLASSES:
-        return "ve"
-    raise ValueError(
-        f"Unsupported model type {type(model_sampling).__name__}: fast samplers support epsilon, "
-        "v-prediction, EDM, x0 and flow (CONST) models."
-    )
-
-
-def prediction_type(model_sampling) -> str:
-    """ComfyUI's prediction class of a model_sampling object, lower-case ('eps', 'v_prediction', 'const'...)."""
-    parametrization_of_model_sampling(model_sampling)  # raises on unsupported types
-    known = _FLOW_CLASSES | _VE_CLASSES
-    return next(cls.__name__.lower() for cls in type(model_sampling).__mro__ if cls.__name__ in known)
-
-
-def parametrization_of_prediction(prediction: str) -> str:
-    """'flow' for 'const', 've' for the other prediction types of ``prediction_type``."""
-    names = {name.lower() for name in _FLOW_CLASSES | _VE_CLASSES}
-    if prediction not in names:
-        raise ValueError(f"Unknown model type {prediction!r}; expected one of {sorted(names)}.")
-    return "flow" if prediction.upper() in _FLOW_CLASSES else "ve"
-
-
-def comfy_model_sampling(model):
-    """The ComfyUI model_sampling object behind a sampler's ``model`` argument, or None."""
-    try:
-        patcher = model.inner_model.model_patcher
-    except AttributeError:
-        return None
-    return patcher.get_model_object("model_sampling")
-
-
 def resolve_schedule(model, parametrization: str | None = None) -> NoiseSchedule:
     """Explicit option, else the ComfyUI model's own type, else the model's ``parametrization``
     attribute (the built-in exact models), else k-diffusion's VE convention."""
@@ -141,12 +104,6 @@ def resolve_schedule(model, parametrization: str | None = None) -> NoiseSchedule
     if model_sampling is not None:
         return NoiseSchedule(parametrization_of_model_sampling(model_sampling))
     return NoiseSchedule(getattr(model, "parametrization", "ve"))
-
-
-def noise_scale_of(model) -> float:
-    """Newer ComfyUI model_sampling objects carry a ``noise_scale``; honour it like ComfyUI."""
-    model_sampling = comfy_model_sampling(model)
-    return float(getattr(model_sampling, "noise_scale", 1.0)) if model_sampling is not None else 1.0
 
 
 def ddim_step(x: torch.Tensor, denoised: torch.Tensor, s_from, s_to, alpha_from, alpha_to) -> torch.Tensor:

@@ -50,6 +50,23 @@ def test_unsupported_model_type_is_named(comfy_like):
         resolve_schedule(comfy_like(lambda x, s: x, "STABLE_AUDIO_THING"))
 
 
+def test_comfy_reads_by_duck_typing(comfy_like):
+    """comfy_compat's reads on a ComfyUI-shaped model, and their defaults on a plain callable."""
+    from comfyui_fast_samplers.samplers import comfy_compat as cc
+
+    model = comfy_like(lambda x, s: x, "CONST", latent_format="Flux")
+    assert cc.model_latent_format(model) == "Flux" and cc.prediction_type(model.model_sampling) == "const"
+    assert cc.flow_start_offset_sigma(model) is None and cc.noise_scale_of(model) == 1.0
+    model.model_sampling.percent_to_sigma = lambda percent: 1.0 - percent / 2  # distinct from the input
+    model.model_sampling.noise_scale = 0.5
+    assert cc.flow_start_offset_sigma(model) == 1.0 - cc.FLOW_START_PERCENT / 2 and cc.noise_scale_of(model) == 0.5
+    model.noise, model.latent_image = torch.ones(1), torch.zeros(1)
+    assert cc.run_noise_and_latent(model) == (model.noise, model.latent_image)
+    plain = lambda x, s: x  # noqa: E731
+    assert (cc.comfy_model_sampling(plain), cc.model_latent_format(plain), cc.flow_start_offset_sigma(plain),
+            cc.noise_scale_of(plain), cc.run_noise_and_latent(plain)) == (None, None, None, 1.0, (None, None))
+
+
 def test_reference_schedules():
     k = karras_sigmas(10, 0.029, 14.6)
     assert len(k) == 11 and k[-1] == 0 and math.isclose(k[0], 14.6) and math.isclose(k[-2], 0.029)
