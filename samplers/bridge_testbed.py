@@ -160,10 +160,10 @@ def solve_bridge_ode(model: ExactBridgeModel, x: torch.Tensor, x_T: torch.Tensor
     k = 1.0 / (sched.alpha_T * sched.rho_T2)
 
     def c_of(lam):
-        return float(sched.abc(sched.t_of_lambda(torch.tensor(lam, dtype=torch.float64)))[2])
+        return float(sched.abc(sched.t_of_half_log_snr(torch.tensor(lam, dtype=torch.float64)))[2])
 
     def rhs(lam, y):
-        t = sched.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
+        t = sched.t_of_half_log_snr(torch.tensor(lam, dtype=torch.float64))
         x_t = torch.from_numpy(y).reshape(shape) * c_of(lam)
         return (-k * math.exp(-lam) * x_T + math.exp(lam) * model(x_t, t, x_T)).reshape(-1).numpy()
 

@@ -74,7 +74,7 @@ def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
     Order 1 is DBIM with stochasticity ``eta`` in [0, 1]:
         x_t = a_t x_T + b_t x0 + sqrt(c_t^2 - omega^2) eps_hat + omega z,
         omega = eta alpha_t rho_t sqrt(1 - rho_t^2 / rho_s^2).
-    Orders 2, 3 are the exponential multistep solvers of the DBIM ODE in lambda = log(b/c)
+    Orders 2, 3 are the exponential multistep solvers of the DBIM ODE in lambda = log(b/c) (the half-log-SNR)
     (eta = 0): x_t = (c_t/c_s) x_s + (a_t - (c_t/c_s) a_s) x_T + b_t [phi_1 x0_s + phi_2 D1 + phi_3 D2].
     The first step is order 1, order 3 uses order 2 on step 2, and (``lower_order_final``) the last
     step is order 1, as the reference. A grid of increasing times gives the inverse map (encoding)."""
@@ -92,7 +92,7 @@ def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
         raise ValueError("DBIM: eta > 0 has no inverse; encode with eta = 0.")
     a, b, c = (v.tolist() for v in schedule.abc(ts))
     alpha, rho, _ = (v.tolist() for v in schedule.alpha_rho(ts))
-    lam = [math.log(bi) - math.log(ci) for bi, ci in zip(b, c)]
+    half_log_snr = [math.log(bi) - math.log(ci) for bi, ci in zip(b, c)]  # BridgeSchedule.half_log_snr
     last = len(ts) - 2
     steps = []
     for n in range(last + 1):
@@ -110,9 +110,10 @@ def plan_dbim(schedule: BridgeSchedule, ts, eta: float = 0.0, order: int = 1,
         if step_order == 1:
             w[0] = b[t] - k * b[s]
         else:  # derivatives in lambda of the polynomial through the last step_order outputs
-            phi1, phi2, phi3 = _phis(lam[t] - lam[s])
+            phi1, phi2, phi3 = _phis(half_log_snr[t] - half_log_snr[s])
             d1, d2 = np.zeros(3), np.zeros(3)
-            d1[:step_order], d2[:step_order] = derivative_weights(lam[s::-1][:step_order], lam[s], 2)
+            nodes = half_log_snr[s::-1][:step_order]  # of the last step_order model calls, newest first
+            d1[:step_order], d2[:step_order] = derivative_weights(nodes, half_log_snr[s], 2)
             w = [b[t] * (phi1 * (j == 0) + phi2 * d1[j] + phi3 * d2[j]) for j in range(3)]
         steps.append(DBIMStep(t=float(ts[s]), t_next=float(ts[t]), k=k, cT=a[t] - k * a[s], w=tuple(w),
                               noise=omega if n < last else 0.0, order=step_order))

@@ -7,9 +7,10 @@ A k-diffusion sigma is turned into the VP-form scalars of ``x = alpha * x0 + s *
              alpha = 1/sqrt(1 + sigma^2), s = sigma * alpha.
 * ``"flow"`` (ComfyUI CONST, rectified flow): alpha = 1 - sigma, s = sigma.
 
-In all three ``lam = s / alpha`` (the inverse square root of the SNR) is the VE noise level:
-``lam = sigma`` for ve/vp and ``sigma / (1 - sigma)`` for flow (infinite at sigma = 1).
-No other module computes alpha, s or lambda.
+In all three ``lam = s / alpha`` (the noise-to-signal ratio, SNR = 1 / lam^2) is the VE noise level:
+``lam = sigma`` for ve/vp and ``sigma / (1 - sigma)`` for flow (infinite at sigma = 1). Its log
+``log_lam = log(s / alpha)`` is minus the half-log-SNR ``half_log_snr = log(alpha / s)``: log_lam grows
+with sigma, the half-log-SNR falls. No other module computes alpha, s or lambda.
 """
 from __future__ import annotations
 
@@ -56,12 +57,17 @@ class NoiseSchedule:
         return sigma * self.alpha(sigma) if self.parametrization == "vp" else sigma.clone()
 
     def log_lam(self, sigma: torch.Tensor) -> torch.Tensor:
-        """log(s/alpha) = -half-log-SNR; +inf at flow sigma = 1, -inf at sigma = 0."""
+        """log(s / alpha), minus the half-log-SNR (increasing in sigma); +inf at flow sigma = 1, -inf at sigma = 0."""
         if self.is_flow:
             return torch.log(sigma) - torch.log1p(-sigma)
         return torch.log(sigma)
 
+    def half_log_snr(self, sigma: torch.Tensor) -> torch.Tensor:
+        """log(alpha / s) = -log_lam, the DPM-Solver lambda (decreasing in sigma; +inf at sigma = 0)."""
+        return -self.log_lam(sigma)
+
     def lam(self, sigma: torch.Tensor) -> torch.Tensor:
+        """s / alpha, the noise-to-signal ratio (the VE noise level; 0 at sigma = 0)."""
         return torch.exp(self.log_lam(sigma))
 
     def sigma_from_lam(self, lam: torch.Tensor) -> torch.Tensor:
@@ -88,6 +94,8 @@ class NoiseSchedule:
 
 @dataclass(frozen=True)
 class ScheduleTable:
+    """The scalars of ``NoiseSchedule`` at every sigma of a run (lam = s / alpha, log_lam = -half-log-SNR)."""
+
     sigma: torch.Tensor
     alpha: torch.Tensor
     s: torch.Tensor
@@ -126,7 +134,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 def log_lam_uniform_sigmas(n: int, sigma_min: float, sigma_max: float, schedule: NoiseSchedule,
                            final_zero: bool = False) -> torch.Tensor:
-    """n steps uniform in log(lam) (half-log-SNR) from sigma_max to sigma_min."""
+    """n steps uniform in log(lam) (so in the half-log-SNR, its negative) from sigma_max to sigma_min."""
     ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64)
     log_lam = schedule.log_lam(ends)
     sigmas = schedule.sigma_from_lam(torch.exp(torch.linspace(float(log_lam[0]), float(log_lam[1]), n + 1,

@@ -86,7 +86,9 @@ def test_abc_equal_snr_forms(kind):
     torch.testing.assert_close(a, alpha / s.alpha_T * snr_ratio, rtol=1e-13, atol=0)
     torch.testing.assert_close(b, alpha * (1 - snr_ratio), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(c**2, (alpha * rho) ** 2 * (1 - snr_ratio), rtol=1e-12, atol=1e-18)
-    torch.testing.assert_close(s.t_of_lambda(s.lam(t)), t, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.t_of_half_log_snr(s.half_log_snr(t)), t, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.half_log_snr(t), torch.log(b / c), rtol=1e-13, atol=0)  # the sign: log(b/c)
+    assert (s.lam, s.t_of_lambda) == (s.half_log_snr, s.t_of_half_log_snr)  # the old names still work
 
 
 def test_ve_closed_forms():
@@ -309,7 +311,7 @@ def test_local_error_orders(joint):
             errors = []
             for h in (0.2, 0.1, 0.05):
                 lams = [lam_s - 2.6 * h, lam_s - h, lam_s, lam_s + 0.7 * h]  # gaps 1.6 h, h, 0.7 h
-                ts = s.t_of_lambda(_t(*lams))
+                ts = s.t_of_half_log_snr(_t(*lams))
                 a, b, c = (float(v) for v in s.abc(ts[:1]))
                 z = torch.randn(x0.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
                 x_start = a * x_T + b * x0 + c * z
@@ -391,9 +393,9 @@ def test_heun_ode_drift_is_the_dbim_ode(joint, kind):
             assert torch.isfinite(drift).all()
             continue
         dt = 1e-6 * s.t_max
-        lam_rate = float(s.lam(_t(t + dt)) - s.lam(_t(t - dt))) / (2 * dt)
+        lam_rate = float(s.half_log_snr(_t(t + dt)) - s.half_log_snr(_t(t - dt))) / (2 * dt)
         c_rate = float(s.abc(_t(t + dt))[2] - s.abc(_t(t - dt))[2]) / (2 * dt)
-        lam = float(s.lam(_t(t)))
+        lam = float(s.half_log_snr(_t(t)))
         dy_dlam = -math.exp(-lam) / (s.alpha_T * s.rho_T2) * x_T + math.exp(lam) * D
         torch.testing.assert_close(drift, c_rate / c * x + c * dy_dlam * lam_rate, rtol=1e-6, atol=1e-8)
 

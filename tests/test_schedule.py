@@ -19,6 +19,9 @@ def test_lam_is_s_over_alpha_and_inverts(kind):
     tab = sch.coefficients(sig)
     torch.testing.assert_close(tab.lam, tab.s / tab.alpha, rtol=1e-14, atol=0)
     torch.testing.assert_close(sch.sigma_from_lam(tab.lam), sig, rtol=1e-13, atol=0)
+    # The sign: the half-log-SNR is log(alpha / s), so 2 * half_log_snr = log SNR and log_lam is its negative.
+    torch.testing.assert_close(sch.half_log_snr(sig), 0.5 * torch.log(tab.alpha**2 / tab.s**2), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tab.log_lam, -sch.half_log_snr(sig), rtol=0, atol=0)
     # x = alpha x0 + s eps must have unit-variance noise geometry: vp has alpha^2 + s^2 = 1.
     if kind == "vp":
         torch.testing.assert_close(tab.alpha**2 + tab.s**2, torch.ones_like(sig), rtol=1e-14, atol=0)
