@@ -29,7 +29,8 @@ import torch
 from .schedule import karras_sigmas
 
 BRIDGE_KINDS = ("vp", "ve", "i2sb")
-GRIDS = ("uniform_t", "karras")
+SPACINGS = ("uniform_t", "karras")  # how DBIM places its times (the option ``spacing``)
+GRIDS = SPACINGS  # the old name
 DBIM_END_OFFSET = 1e-3  # DBIM's grid starts at t_max - 1e-3 (get_sigmas_uniform in the reference)
 HEUN_END_OFFSET = 1e-4  # DDBM Heun's grid starts at t_max - 1e-4
 
@@ -187,7 +188,7 @@ class BridgeSchedule:
         elif spacing == "karras":
             ts = karras_sigmas(steps + 1, self.t_min, t_hi, rho)[:-1]
         else:
-            raise ValueError(f"Unknown grid {spacing!r}; choose one of {GRIDS}.")
+            raise ValueError(f"Unknown spacing {spacing!r}; choose one of {SPACINGS}.")
         if self.kind == "i2sb":
             ts = torch.unique_consecutive(self._index(ts)).to(torch.float64) / (self.n_timestep - 1)
             ts[-1] = max(float(ts[-1]), self.t_min)
