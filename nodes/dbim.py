@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..samplers.bridge import GRIDS, dbim_steps_for_nfe
+from ..samplers.bridge import SPACINGS, dbim_steps_for_nfe
 from ..samplers.bridge_images import (
     SIZE_MODES, bridge_mask, centre_mask, edge_map, fit_target, fit_to_model, hole_preview, image_to_bridge,
     latent_noise, normal_map_condition, paste_known_pixels, work_dtype,
@@ -101,7 +101,7 @@ def _common_inputs(with_order=True):
                                            "DBIM, more accurate at low NFE (try 2 at NFE 10). The Bridge Sampler "
                                            "uses it only with sampler = dbim_high_order (2 or 3)."))
     inputs += [
-        io.Combo.Input("grid", options=list(GRIDS), default="uniform_t",
+        io.Combo.Input("grid", options=list(SPACINGS), default="uniform_t",  # id "grid": saved workflows
                        tooltip="Where the steps go. uniform_t: the reference (use it for the released VP "
                                "models); karras: denser near the end, needed for VE bridges.",
                        display_name="time grid"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..samplers.bridge import SCHEDULE_PRESETS, BridgeSchedule
-from ..samplers.dbim import (
+from ..samplers.bridge_checkpoints import (
     BRIDGE_PRESET_NAMES, BridgePreset, bridge_presets, detect_preset, load_bridge_checkpoint, save_bridge_safetensors,
 )
 from .comfy_io import CATEGORY, PREFIX, io, mark_advanced

@@ -1,11 +1,12 @@
 """ELBO Schedule Optimizer: SIGMAS found by exact dynamic programming for the user's model and data."""
 from __future__ import annotations
 
+from ..samplers.comfy_compat import parametrization_of_model_sampling
 from ..samplers.dp_schedule import (
     DECODERS, OBJECTIVES, VARIANCES, cache_key, load_probe, probe_local_error, probe_mse, save_probe,
     schedule_from_probe, start_node,
 )
-from ..samplers.schedule import NoiseSchedule, parametrization_of_model_sampling
+from ..samplers.schedule import NoiseSchedule
 from .comfy_io import CATEGORY, io, mark_advanced
 from .guided import conditioning_tensors, run_inside_sampling
 from .ui import sigmas_ui

@@ -27,15 +27,15 @@ class ERSDESolverSampler(io.ComfyNode):
                                tooltip="How much fresh noise each step adds. ode: none (sharp, deterministic); "
                                        "sde_5: noise mostly at the start, almost none at the end (the paper's "
                                        "default); reverse_sde: full ancestral noise (softer, more varied); "
-                                       "sde_1..sde_4: the paper's other curves; power: lam^p with your p.",
+                                       "sde_1..sde_4: the paper's other curves; power: lam^power with the power set below.",
                                display_name="noise curve"),
                 io.Float.Input("eta", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Strength of the chosen noise curve: 0 turns any curve into the "
                                        "deterministic ODE, 1 is the curve as published, above 1 adds more noise.",
                                display_name="noise amount (eta)"),
                 io.Float.Input("p", default=2.0, min=1.0, max=100.0, step=0.01,
-                               tooltip="Exponent of the 'power' curve (phi = lam^p). 1 = ODE, 2 = reverse SDE; "
-                                       "ComfyUI's 'Reverse-time SDE' with eta e is p = 1 + e. Used only by 'power'.",
+                               tooltip="The power of the 'power' curve (phi = lam^power). 1 = ODE, 2 = reverse SDE; "
+                                       "ComfyUI's 'Reverse-time SDE' with eta e is power = 1 + e. Used only by 'power'.",
                                display_name="power curve exponent"),
                 io.Float.Input("a", default=0.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Parameter of the sde_1 curve; above 1 it adds much more noise at high "
@@ -88,9 +88,10 @@ class ERSDESolverSampler(io.ComfyNode):
                 corrector=False, flow_form="auto") -> io.NodeOutput:
         import comfy.samplers
 
-        options = dict(order=order, noise_fn=noise_fn, eta=eta, p=p, a=a, s_noise=s_noise, noise=noise, derivatives=derivatives,
-                       quadrature=quadrature, flow_start=flow_start, final_step=final_step, corrector=corrector,
-                       flow_form=None if flow_form == "auto" else flow_form)
+        # The input ids p and a stay (saved workflows load); the sampler calls them power and sde_1_a.
+        options = dict(order=order, noise_fn=noise_fn, eta=eta, power=p, sde_1_a=a, s_noise=s_noise, noise=noise,
+                       derivatives=derivatives, quadrature=quadrature, flow_start=flow_start, final_step=final_step,
+                       corrector=corrector, flow_form=None if flow_form == "auto" else flow_form)
         try:
             check_options(**options)
         except ValueError as err:  # ComfyUI 0.3.64 does not check V3 combo values itself

@@ -4,7 +4,9 @@ from .er_sde import sample_er_sde, NOISE_FUNCTIONS
 from .classic import sample_euler, sample_heun, sample_dpmpp_2m
 from .ddim_gmm import sample_ddim_gmm
 from .bridge import BridgeSchedule
-from .dbim import BridgeDenoiser, encode_dbim, interpolate_dbim, sample_dbim, sample_ddbm_heun
+from .bridge_denoiser import BridgeDenoiser
+from .dbim import encode_dbim, interpolate_dbim, sample_dbim
+from .ddbm import sample_ddbm_heun
 from .dp_schedule import optimize_schedule
 from .presets import SAMPLERS
 from .calibration import CalibrationReport, calibrate_schedule

@@ -29,7 +29,8 @@ import torch
 from .schedule import karras_sigmas
 
 BRIDGE_KINDS = ("vp", "ve", "i2sb")
-GRIDS = ("uniform_t", "karras")
+SPACINGS = ("uniform_t", "karras")  # how DBIM places its times (the option ``spacing``)
+GRIDS = SPACINGS  # the old name
 DBIM_END_OFFSET = 1e-3  # DBIM's grid starts at t_max - 1e-3 (get_sigmas_uniform in the reference)
 HEUN_END_OFFSET = 1e-4  # DDBM Heun's grid starts at t_max - 1e-4
 
@@ -119,10 +120,13 @@ class BridgeSchedule:
         c = alpha * rho_bar * rho / math.sqrt(rho_T2)
         return a, b, c
 
-    def lam(self, t):
-        """lambda_t = log(b_t / c_t): the DBIM ODE's log-SNR-like time (-inf at T, +inf at 0)."""
+    def half_log_snr(self, t):
+        """log(b_t / c_t), the half-log-SNR of x_0 in the bridge marginal: DBIM's lambda, the time of its ODE
+        (decreasing in t: -inf at T, +inf at 0)."""
         _, b, c = self.abc(t)
         return torch.log(b) - torch.log(c)
+
+    lam = half_log_snr  # the old name (DBIM's lambda)
 
     def f_g2(self, t):
         """Drift f(t) = dlog alpha/dt and diffusion g^2(t) of the forward SDE (per index for i2sb)."""
@@ -138,16 +142,18 @@ class BridgeSchedule:
         """DDBM's Heun sampler multiplies dt by 999 on the discrete i2sb schedule."""
         return float(self.n_timestep - 1) if self.kind == "i2sb" else 1.0
 
-    def t_of_lambda(self, lam):
-        """Inverse of ``lam`` for vp and ve (closed form: rho^2 = rho_T^2 / (1 + rho_T^2 e^(2 lam)))."""
+    def t_of_half_log_snr(self, half_log_snr):
+        """Inverse of ``half_log_snr`` for vp and ve (closed form: rho^2 = rho_T^2 / (1 + rho_T^2 e^(2 lambda)))."""
         if self.kind == "i2sb":
-            raise ValueError("t_of_lambda: the i2sb schedule is discrete.")
-        lam = self._t(lam)
-        rho2 = self.rho_T2 / (1 + self.rho_T2 * torch.exp(2 * lam))
+            raise ValueError("t_of_half_log_snr: the i2sb schedule is discrete.")
+        half_log_snr = self._t(half_log_snr)
+        rho2 = self.rho_T2 / (1 + self.rho_T2 * torch.exp(2 * half_log_snr))
         if self.kind == "ve":
             return rho2.sqrt()
         log1p = torch.log1p(rho2)  # beta_d/2 t^2 + beta_min t = log(1 + rho^2)
         return 2 * log1p / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * self.beta_d * log1p))
+
+    t_of_lambda = t_of_half_log_snr  # the old name
 
     # ---- the network's preconditioning ----------------------------------------------------------
     def scalings(self, t):
@@ -182,7 +188,7 @@ class BridgeSchedule:
         elif spacing == "karras":
             ts = karras_sigmas(steps + 1, self.t_min, t_hi, rho)[:-1]
         else:
-            raise ValueError(f"Unknown grid {spacing!r}; choose one of {GRIDS}.")
+            raise ValueError(f"Unknown spacing {spacing!r}; choose one of {SPACINGS}.")
         if self.kind == "i2sb":
             ts = torch.unique_consecutive(self._index(ts)).to(torch.float64) / (self.n_timestep - 1)
             ts[-1] = max(float(ts[-1]), self.t_min)

@@ -160,10 +160,10 @@ def solve_bridge_ode(model: ExactBridgeModel, x: torch.Tensor, x_T: torch.Tensor
     k = 1.0 / (sched.alpha_T * sched.rho_T2)
 
     def c_of(lam):
-        return float(sched.abc(sched.t_of_lambda(torch.tensor(lam, dtype=torch.float64)))[2])
+        return float(sched.abc(sched.t_of_half_log_snr(torch.tensor(lam, dtype=torch.float64)))[2])
 
     def rhs(lam, y):
-        t = sched.t_of_lambda(torch.tensor(lam, dtype=torch.float64))
+        t = sched.t_of_half_log_snr(torch.tensor(lam, dtype=torch.float64))
         x_t = torch.from_numpy(y).reshape(shape) * c_of(lam)
         return (-k * math.exp(-lam) * x_T + math.exp(lam) * model(x_t, t, x_T)).reshape(-1).numpy()
 
@@ -209,9 +209,11 @@ def fill_colours(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def toy_adm_config():
-    from .adm_unet import ADMConfig
+    """The toy UNet's structure (``adm_unet.TOY_ADM_CONFIG``, which the toy preset uses)."""
+    from .adm_unet import TOY_ADM_CONFIG
 
-    return ADMConfig(TOY_SIZE, 32, (1, 1), 1, (2,), num_head_channels=32)
+    assert TOY_ADM_CONFIG.image_size == TOY_SIZE
+    return TOY_ADM_CONFIG
 
 
 def train_toy_bridge(steps: int = 1500, batch: int = 32, lr: float = 1e-3, seed: int = 0, log=print):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import NoiseSchedule, noise_scale_of, resolve_schedule
+from .comfy_compat import noise_scale_of
+from .schedule import NoiseSchedule, resolve_schedule
 
 
 def check_inputs(x: torch.Tensor, sigmas, sampler: str, schedule: NoiseSchedule) -> torch.Tensor:

@@ -146,8 +146,8 @@ def make_directions(dim: int, components: int, seed: int, device=None, dtype=tor
         lags = torch.stack([torch.dot(g, torch.roll(g, k * step)) for k in range(components)]).to(torch.float64)
         gram = lags[(torch.arange(components, device=device)[None, :] - torch.arange(components, device=device)[:, None])
                     % components]
-        lam, vec = torch.linalg.eigh(gram)
-        first_row = (vec[0] * lam.clamp(min=1e-300).rsqrt()) @ vec.T
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        first_row = (eigenvectors[0] * eigenvalues.clamp(min=1e-300).rsqrt()) @ eigenvectors.T
         shifts = torch.stack([torch.roll(g, j * step) for j in range(components)])
         h = first_row.to(dtype) @ shifts
         return torch.stack([torch.roll(h, i * step) for i in range(components)])

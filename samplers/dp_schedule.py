@@ -22,7 +22,7 @@ OBJECTIVES = ("elbo", "local_error")  # local_error: experimental, beyond the pa
 
 def snr(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """SNR = (alpha / s)^2 = 1 / lam^2 (float64; 0 at flow sigma = 1)."""
-    return torch.exp(-2.0 * schedule.log_lam(torch.as_tensor(sigmas, dtype=torch.float64)))
+    return torch.exp(2.0 * schedule.half_log_snr(torch.as_tensor(sigmas, dtype=torch.float64)))
 
 
 def check_data_latents(latents: torch.Tensor, who: str = "Schedule optimizer") -> None:

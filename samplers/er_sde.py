@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
 from .multistep import StepRow, derivative_weights, merge_correction, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
     LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficients,
     taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
-from .schedule import NoiseSchedule, comfy_model_sampling
+from .schedule import NoiseSchedule
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
@@ -46,9 +47,10 @@ NOISE_KINDS = ("gaussian", "brownian")
 
 
 def check_options(order=3, derivatives="corrected", quadrature="exact", flow_start="exact",
-                  final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, p=2.0, a=0.0,
-                  corrector=False, flow_form=None):
-    """Raise a ValueError naming the bad option (the node calls this before sampling starts)."""
+                  final_step="denoise", s_noise=1.0, noise="gaussian", noise_fn="sde_5", eta=1.0, power=None,
+                  sde_1_a=None, corrector=False, flow_form=None, *, p=None, a=None):
+    """The noise function of these options; a ValueError naming a bad one (the node calls this before sampling
+    starts). ``p``, ``a``: the deprecated names of ``power``, ``sde_1_a``."""
     for value, allowed, what in ((order, ORDERS, "order"), (derivatives, DERIVATIVES, "derivatives"),
                                  (quadrature, QUADRATURES, "quadrature"), (flow_start, FLOW_STARTS, "flow_start"),
                                  (final_step, FINAL_STEPS, "final_step"), (noise, NOISE_KINDS, "noise")):
@@ -56,7 +58,7 @@ def check_options(order=3, derivatives="corrected", quadrature="exact", flow_sta
             raise ValueError(f"ER-SDE: {what} must be one of {allowed}, got {value!r}.")
     if s_noise < 0:
         raise ValueError(f"ER-SDE: s_noise must be >= 0, got {s_noise}.")
-    fn = make_noise_function(noise_fn, eta=eta, p=p, a=a)
+    fn = make_noise_function(noise_fn, eta=eta, power=power, sde_1_a=sde_1_a, p=p, a=a)
     if corrector and not fn.deterministic:
         raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {fn.name}.")
     if flow_form is not None and flow_form not in FLOW_FORMS:
@@ -253,8 +255,8 @@ def sample_er_sde(
     order: int = 3,
     noise_fn: str = "sde_5",
     eta: float = 1.0,
-    p: float = 2.0,
-    a: float = 0.0,
+    power: float | None = None,
+    sde_1_a: float | None = None,
     s_noise: float = 1.0,
     derivatives: str = "corrected",
     quadrature: str = "exact",
@@ -265,32 +267,30 @@ def sample_er_sde(
     noise_sampler=None,
     corrector: bool = False,
     flow_form: str | None = None,
+    *,
+    p: float | None = None,
+    a: float | None = None,
 ):
-    """ER-SDE-Solver of order 1-3 in the k-diffusion convention.
+    """ER-SDE-Solver (Cui et al.) of order 1-3 in the k-diffusion convention; the seed is extra_args['seed'].
 
-    Options: ``order``; ``noise_fn`` (one of NOISE_FUNCTIONS) with ``eta`` (strength: 0 = ODE),
-    ``p`` (power) and ``a`` (sde_1); ``s_noise``; ``derivatives`` 'corrected' (true 3rd order,
-    default) or 'paper' (the published / ComfyUI estimator, globally 2nd order); ``quadrature``
-    'exact' or 'comfy_riemann'; ``flow_start`` 'exact' (model at sigma = 1, exact limit) or
-    'comfy_offset'; ``final_step`` 'denoise', 'extrapolate' (Taylor of the denoiser to lam = 0) or 'corrected'
-    (with the corrector: the clean prediction plus the corrector's change of the last state, the denoiser's
-    Jacobian taken as 1); ``corrector`` (ODE only): each state is
-    corrected with the model output taken there (UniC-style, exact weights; no extra evaluation, one
-    order more); ``flow_form`` (flow models, ODE): the variable the denoiser is interpolated in, 'lambda'
-    (sigma / (1 - sigma)), 'sigma', or 'hybrid' (sigma on the steps whose history holds sigma = 1, then lambda;
-    the ODE's default); ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI model
-    ('ve' on a flow model runs the ODE in its sigma form); ``noise`` 'gaussian' (ComfyUI's seeded
-    per-step stream) or 'brownian' (one Brownian path per seed whatever the step count; needs
-    torchsde, which ComfyUI ships); ``noise_sampler(sigma, sigma_next)`` overrides both."""
+    ``noise_fn``: the noise-scale curve (one of NOISE_FUNCTIONS), ``eta`` its strength (0 = ODE), ``power`` the
+    exponent of 'power' (phi = lam^power, default 2), ``sde_1_a`` the parameter of 'sde_1' (default 0; ``p``
+    and ``a`` are their deprecated names); ``s_noise`` multiplies the added noise. ``derivatives``:
+    'corrected' (true 3rd order) or 'paper' (the published / ComfyUI estimator, 2nd order). ``quadrature``:
+    'exact' or 'comfy_riemann' (ComfyUI's sums). ``flow_start``: 'exact' (the model at flow sigma = 1) or
+    'comfy_offset' (ComfyUI's start just below 1). ``final_step``: 'denoise', 'extrapolate' (Taylor of the
+    denoiser to lam = 0) or 'corrected' (the clean prediction plus the corrector's change of the last state).
+    ``corrector`` (ODE only): each state corrected with the model output taken there (UniC-style; no extra
+    call, one order more). ``flow_form`` (flow models, ODE): the variable the denoiser is interpolated in,
+    'lambda' (sigma / (1 - sigma)), 'sigma', or 'hybrid' (sigma on the steps whose history holds sigma = 1, then
+    lambda; the ODE's default). ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI
+    model. ``noise``: 'gaussian' (ComfyUI's seeded per-step stream) or 'brownian' (one Brownian path per seed
+    whatever the step count; needs torchsde); ``noise_sampler(sigma, sigma_next)`` overrides both."""
     extra_args = {} if extra_args is None else extra_args
     schedule, sig, _ = setup_run(model, x, sigmas, "ER-SDE", parametrization)
-    fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, p, a,
-                       corrector, flow_form)
-    offset_sigma = None
-    if flow_start == "comfy_offset":
-        ms = comfy_model_sampling(model)
-        if ms is not None and hasattr(ms, "percent_to_sigma"):
-            offset_sigma = float(ms.percent_to_sigma(1e-4))
+    fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, power,
+                       sde_1_a, corrector, flow_form, p=p, a=a)
+    offset_sigma = flow_start_offset_sigma(model) if flow_start == "comfy_offset" else None
     plan = plan_er_sde(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
                        step_noise_scale(model, s_noise), offset_sigma, corrector, flow_form)
     if noise_sampler is None:

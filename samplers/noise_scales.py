@@ -3,6 +3,7 @@ coefficients c2, c3, ... of the Taylor terms, in float64 on the host (shared/spe
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +49,8 @@ class NoiseFunction:
 
 def power_law(p: float) -> NoiseFunction:
     if not p >= 1.0:
-        raise ValueError(f"ER-SDE: the power-law exponent p must be >= 1 (p < 1 has negative noise variance), got {p}.")
+        raise ValueError(f"ER-SDE: the power-law exponent (power) must be >= 1 (below 1 the noise variance is "
+                         f"negative), got {p}.")
     return NoiseFunction(
         name=f"power({p:g})", log_phi=lambda L: p * L, kappa=lambda L: np.full_like(L, p),
         power=float(p), log_psi_inf=0.0 if p == 1.0 else math.inf,
@@ -58,7 +60,7 @@ def power_law(p: float) -> NoiseFunction:
 def sde_1(a: float = 0.0) -> NoiseFunction:
     """phi = lam (exp(lam^(a-1)/(a-1)) + 10)."""
     if a == 1.0:
-        raise ValueError("ER-SDE: sde_1 is undefined for a = 1; use a != 1 (default 0).")
+        raise ValueError("ER-SDE: sde_1 is undefined for sde_1_a = 1; use another value (default 0).")
 
     def g(L):
         return np.exp((a - 1.0) * L) / (a - 1.0)
@@ -97,19 +99,34 @@ def _sde_5() -> NoiseFunction:
 NOISE_FUNCTIONS = ("ode", "reverse_sde", "sde_1", "sde_2", "sde_3", "sde_4", "sde_5", "power")
 
 
-def make_noise_function(name: str = "sde_5", eta: float = 1.0, p: float = 2.0, a: float = 0.0) -> NoiseFunction:
+def renamed_option(value, old_value, name: str, old_name: str, default, who: str = "ER-SDE"):
+    """``value`` (None: not given) or its deprecated old spelling ``old_value``; an error if both differ."""
+    if old_value is None:
+        return default if value is None else value
+    if value is not None and value != old_value:
+        raise ValueError(f"{who}: {old_name}= is the old name of {name}=; give one of them "
+                         f"(got {name}={value}, {old_name}={old_value}).")
+    warnings.warn(f"{who}: {old_name}= is deprecated; use {name}=.", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def make_noise_function(name: str = "sde_5", eta: float = 1.0, power: float | None = None,
+                        sde_1_a: float | None = None, *, p: float | None = None, a: float | None = None) -> NoiseFunction:
     """ode: phi = lam; reverse_sde: lam^2 (Anderson); sde_2: lam^1.5; sde_3: lam^2.5;
-    sde_1(a), sde_4, sde_5: the paper's families; power: lam^p (ComfyUI's 'Reverse-time SDE'
-    with slider eta is p = 1 + eta). ``eta`` is the strength phi_eta of any of them."""
+    sde_1 (parameter ``sde_1_a``, default 0), sde_4, sde_5: the paper's families; power: lam^power (default 2;
+    ComfyUI's 'Reverse-time SDE' with slider eta is power = 1 + eta). ``eta`` is the strength phi_eta of any
+    of them. ``p`` and ``a`` are the deprecated names of ``power`` and ``sde_1_a``."""
+    power = renamed_option(power, p, "power", "p", 2.0)
+    sde_1_a = renamed_option(sde_1_a, a, "sde_1_a", "a", 0.0)
     builders = {
         "ode": lambda: power_law(1.0),
         "reverse_sde": lambda: power_law(2.0),
-        "sde_1": lambda: sde_1(a),
+        "sde_1": lambda: sde_1(sde_1_a),
         "sde_2": lambda: power_law(1.5),
         "sde_3": lambda: power_law(2.5),
         "sde_4": _sde_4,
         "sde_5": _sde_5,
-        "power": lambda: power_law(p),
+        "power": lambda: power_law(power),
     }
     if name not in builders:
         raise ValueError(f"ER-SDE: unknown noise function {name!r}; choose one of {', '.join(NOISE_FUNCTIONS)}.")

@@ -7,9 +7,10 @@ A k-diffusion sigma is turned into the VP-form scalars of ``x = alpha * x0 + s *
              alpha = 1/sqrt(1 + sigma^2), s = sigma * alpha.
 * ``"flow"`` (ComfyUI CONST, rectified flow): alpha = 1 - sigma, s = sigma.
 
-In all three ``lam = s / alpha`` (the inverse square root of the SNR) is the VE noise level:
-``lam = sigma`` for ve/vp and ``sigma / (1 - sigma)`` for flow (infinite at sigma = 1).
-No other module computes alpha, s or lambda.
+In all three ``lam = s / alpha`` (the noise-to-signal ratio, SNR = 1 / lam^2) is the VE noise level:
+``lam = sigma`` for ve/vp and ``sigma / (1 - sigma)`` for flow (infinite at sigma = 1). Its log
+``log_lam = log(s / alpha)`` is minus the half-log-SNR ``half_log_snr = log(alpha / s)``: log_lam grows
+with sigma, the half-log-SNR falls. No other module computes alpha, s or lambda.
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .comfy_compat import (  # noqa: F401  (the ComfyUI reads, importable from here as before)
+    comfy_model_sampling, noise_scale_of, parametrization_of_model_sampling, parametrization_of_prediction,
+    prediction_type,
+)
+
 PARAMETRIZATIONS = ("ve", "vp", "flow")
-
-# ComfyUI prediction classes (comfy/model_sampling.py) and how their k-diffusion sigma behaves.
-_FLOW_CLASSES = {"CONST"}
-_VE_CLASSES = {"EPS", "V_PREDICTION", "EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"}
-
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -56,12 +57,17 @@ class NoiseSchedule:
         return sigma * self.alpha(sigma) if self.parametrization == "vp" else sigma.clone()
 
     def log_lam(self, sigma: torch.Tensor) -> torch.Tensor:
-        """log(s/alpha) = -half-log-SNR; +inf at flow sigma = 1, -inf at sigma = 0."""
+        """log(s / alpha), minus the half-log-SNR (increasing in sigma); +inf at flow sigma = 1, -inf at sigma = 0."""
         if self.is_flow:
             return torch.log(sigma) - torch.log1p(-sigma)
         return torch.log(sigma)
 
+    def half_log_snr(self, sigma: torch.Tensor) -> torch.Tensor:
+        """log(alpha / s) = -log_lam, the DPM-Solver lambda (decreasing in sigma; +inf at sigma = 0)."""
+        return -self.log_lam(sigma)
+
     def lam(self, sigma: torch.Tensor) -> torch.Tensor:
+        """s / alpha, the noise-to-signal ratio (the VE noise level; 0 at sigma = 0)."""
         return torch.exp(self.log_lam(sigma))
 
     def sigma_from_lam(self, lam: torch.Tensor) -> torch.Tensor:
@@ -88,48 +94,13 @@ class NoiseSchedule:
 
 @dataclass(frozen=True)
 class ScheduleTable:
+    """The scalars of ``NoiseSchedule`` at every sigma of a run (lam = s / alpha, log_lam = -half-log-SNR)."""
+
     sigma: torch.Tensor
     alpha: torch.Tensor
     s: torch.Tensor
     lam: torch.Tensor
     log_lam: torch.Tensor
-
-
-def parametrization_of_model_sampling(model_sampling) -> str:
-    """'ve' or 'flow' for a ComfyUI model_sampling object, by duck typing (no comfy import)."""
-    names = {cls.__name__ for cls in type(model_sampling).__mro__}
-    if names & _FLOW_CLASSES:
-        return "flow"
-    if names & _VE_CLASSES:
-        return "ve"
-    raise ValueError(
-        f"Unsupported model type {type(model_sampling).__name__}: fast samplers support epsilon, "
-        "v-prediction, EDM, x0 and flow (CONST) models."
-    )
-
-
-def prediction_type(model_sampling) -> str:
-    """ComfyUI's prediction class of a model_sampling object, lower-case ('eps', 'v_prediction', 'const'...)."""
-    parametrization_of_model_sampling(model_sampling)  # raises on unsupported types
-    known = _FLOW_CLASSES | _VE_CLASSES
-    return next(cls.__name__.lower() for cls in type(model_sampling).__mro__ if cls.__name__ in known)
-
-
-def parametrization_of_prediction(prediction: str) -> str:
-    """'flow' for 'const', 've' for the other prediction types of ``prediction_type``."""
-    names = {name.lower() for name in _FLOW_CLASSES | _VE_CLASSES}
-    if prediction not in names:
-        raise ValueError(f"Unknown model type {prediction!r}; expected one of {sorted(names)}.")
-    return "flow" if prediction.upper() in _FLOW_CLASSES else "ve"
-
-
-def comfy_model_sampling(model):
-    """The ComfyUI model_sampling object behind a sampler's ``model`` argument, or None."""
-    try:
-        patcher = model.inner_model.model_patcher
-    except AttributeError:
-        return None
-    return patcher.get_model_object("model_sampling")
 
 
 def resolve_schedule(model, parametrization: str | None = None) -> NoiseSchedule:
@@ -141,12 +112,6 @@ def resolve_schedule(model, parametrization: str | None = None) -> NoiseSchedule
     if model_sampling is not None:
         return NoiseSchedule(parametrization_of_model_sampling(model_sampling))
     return NoiseSchedule(getattr(model, "parametrization", "ve"))
-
-
-def noise_scale_of(model) -> float:
-    """Newer ComfyUI model_sampling objects carry a ``noise_scale``; honour it like ComfyUI."""
-    model_sampling = comfy_model_sampling(model)
-    return float(getattr(model_sampling, "noise_scale", 1.0)) if model_sampling is not None else 1.0
 
 
 def ddim_step(x: torch.Tensor, denoised: torch.Tensor, s_from, s_to, alpha_from, alpha_to) -> torch.Tensor:
@@ -169,7 +134,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 def log_lam_uniform_sigmas(n: int, sigma_min: float, sigma_max: float, schedule: NoiseSchedule,
                            final_zero: bool = False) -> torch.Tensor:
-    """n steps uniform in log(lam) (half-log-SNR) from sigma_max to sigma_min."""
+    """n steps uniform in log(lam) (so in the half-log-SNR, its negative) from sigma_max to sigma_min."""
     ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64)
     log_lam = schedule.log_lam(ends)
     sigmas = schedule.sigma_from_lam(torch.exp(torch.linspace(float(log_lam[0]), float(log_lam[1]), n + 1,

@@ -14,10 +14,10 @@ from comfyui_fast_samplers.samplers.adm_unet import build_adm_unet, infer_adm_co
 from comfyui_fast_samplers.samplers.bridge_testbed import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, solve_bridge_ode, toy_pairs,
 )
-from comfyui_fast_samplers.samplers.dbim import (
-    BridgeDenoiser, _drift, detect_preset, encode_dbim, interpolate_dbim, load_bridge_checkpoint, plan_dbim,
-    row_seeded_noise, sample_dbim, sample_ddbm_heun, save_bridge_safetensors, slerp,
-)
+from comfyui_fast_samplers.samplers.bridge_checkpoints import detect_preset, load_bridge_checkpoint, save_bridge_safetensors
+from comfyui_fast_samplers.samplers.bridge_denoiser import BridgeDenoiser
+from comfyui_fast_samplers.samplers.dbim import encode_dbim, interpolate_dbim, plan_dbim, row_seeded_noise, sample_dbim, slerp
+from comfyui_fast_samplers.samplers.ddbm import _drift, sample_ddbm_heun
 from comfyui_fast_samplers.samplers.testbed import exact_w2
 
 F64 = torch.float64
@@ -86,7 +86,9 @@ def test_abc_equal_snr_forms(kind):
     torch.testing.assert_close(a, alpha / s.alpha_T * snr_ratio, rtol=1e-13, atol=0)
     torch.testing.assert_close(b, alpha * (1 - snr_ratio), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(c**2, (alpha * rho) ** 2 * (1 - snr_ratio), rtol=1e-12, atol=1e-18)
-    torch.testing.assert_close(s.t_of_lambda(s.lam(t)), t, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.t_of_half_log_snr(s.half_log_snr(t)), t, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.half_log_snr(t), torch.log(b / c), rtol=1e-13, atol=0)  # the sign: log(b/c)
+    assert (s.lam, s.t_of_lambda) == (s.half_log_snr, s.t_of_half_log_snr)  # the old names still work
 
 
 def test_ve_closed_forms():
@@ -309,7 +311,7 @@ def test_local_error_orders(joint):
             errors = []
             for h in (0.2, 0.1, 0.05):
                 lams = [lam_s - 2.6 * h, lam_s - h, lam_s, lam_s + 0.7 * h]  # gaps 1.6 h, h, 0.7 h
-                ts = s.t_of_lambda(_t(*lams))
+                ts = s.t_of_half_log_snr(_t(*lams))
                 a, b, c = (float(v) for v in s.abc(ts[:1]))
                 z = torch.randn(x0.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
                 x_start = a * x_T + b * x0 + c * z
@@ -391,9 +393,9 @@ def test_heun_ode_drift_is_the_dbim_ode(joint, kind):
             assert torch.isfinite(drift).all()
             continue
         dt = 1e-6 * s.t_max
-        lam_rate = float(s.lam(_t(t + dt)) - s.lam(_t(t - dt))) / (2 * dt)
+        lam_rate = float(s.half_log_snr(_t(t + dt)) - s.half_log_snr(_t(t - dt))) / (2 * dt)
         c_rate = float(s.abc(_t(t + dt))[2] - s.abc(_t(t - dt))[2]) / (2 * dt)
-        lam = float(s.lam(_t(t)))
+        lam = float(s.half_log_snr(_t(t)))
         dy_dlam = -math.exp(-lam) / (s.alpha_T * s.rho_T2) * x_T + math.exp(lam) * D
         torch.testing.assert_close(drift, c_rate / c * x + c * dy_dlam * lam_rate, rtol=1e-6, atol=1e-8)
 

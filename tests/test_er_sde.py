@@ -7,7 +7,7 @@ from sync_counter import CountSyncs
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde, sample_euler, sample_heun
 from comfyui_fast_samplers.samplers.er_sde import (
-    make_noise_function, taylor_coefficients_power, taylor_coefficients_quadrature,
+    check_options, make_noise_function, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
 from comfyui_fast_samplers.samplers.schedule import (
     flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
@@ -84,7 +84,7 @@ def test_classic_samplers_orders(ode_problems):
 @pytest.mark.parametrize("lam_t,lam_s", [(0.5, 0.53), (0.03, 0.05), (1.0, 14.6), (2.0, 3e4)])
 def test_power_law_closed_forms_match_quadrature(p, lam_t, lam_s):
     closed = taylor_coefficients_power(p, lam_t, lam_s)
-    quad = taylor_coefficients_quadrature(make_noise_function("power", p=p), lam_t, lam_s)
+    quad = taylor_coefficients_quadrature(make_noise_function("power", power=p), lam_t, lam_s)
     for c, q in zip(closed, quad):
         assert c == pytest.approx(q, rel=1e-10, abs=1e-300)
 
@@ -242,6 +242,27 @@ def test_stochastic_variants_converge_in_distribution(kind, noise_fn):
     assert third[1] < 0.5 * first[1], (third, first)
 
 
+def test_power_and_sde_1_a_keep_their_old_names_p_and_a():
+    """p= and a= (deprecated) give the very run power= and sde_1_a= give; both names with different values are
+    an error. The non-default values change the run, so an alias that was silently dropped would fail here."""
+    model = ExactModel(default_mixture(), "ve")
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10.0
+    sigmas = karras_sigmas(6, 0.05, 10.0)
+    for noise_fn, name, old, value in (("power", "power", "p", 3.0), ("sde_1", "sde_1_a", "a", 0.5)):
+        run = dict(extra_args={"seed": 2}, noise_fn=noise_fn, disable=True)
+        new_name = sample_er_sde(model, x, sigmas, **run, **{name: value})
+        with pytest.warns(DeprecationWarning, match=f"{old}= is deprecated; use {name}="):
+            old_name = sample_er_sde(model, x, sigmas, **run, **{old: value})
+        assert torch.equal(new_name, old_name)
+        assert not torch.equal(new_name, sample_er_sde(model, x, sigmas, **run)), name  # the value is used
+        with pytest.warns(DeprecationWarning):  # the same value under both names is accepted
+            assert torch.equal(sample_er_sde(model, x, sigmas, **run, **{name: value, old: value}), new_name)
+        with pytest.raises(ValueError, match=f"{old}= is the old name of {name}=; give one of them"):
+            sample_er_sde(model, x, sigmas, **run, **{name: value, old: value + 1})
+        with pytest.raises(ValueError, match=f"{old}= is the old name of {name}="):
+            check_options(noise_fn=noise_fn, **{name: value, old: value + 1})
+
+
 def test_bad_inputs_raise_clear_errors():
     model = ExactModel(default_mixture(), "ve")
     x = torch.randn(4, 2, dtype=torch.float64)
@@ -253,8 +274,8 @@ def test_bad_inputs_raise_clear_errors():
         sample_er_sde(model, x, torch.tensor([10.0, float("nan"), 0.0]), disable=True)
     with pytest.raises(ValueError, match="unknown noise function 'sde_9'"):
         sample_er_sde(model, x, karras_sigmas(4, 0.1, 10.0), noise_fn="sde_9", disable=True)
-    with pytest.raises(ValueError, match="p must be >= 1"):
-        sample_er_sde(model, x, karras_sigmas(4, 0.1, 10.0), noise_fn="power", p=0.5, disable=True)
+    with pytest.raises(ValueError, match=r"exponent \(power\) must be >= 1"):
+        sample_er_sde(model, x, karras_sigmas(4, 0.1, 10.0), noise_fn="power", power=0.5, disable=True)
     with pytest.raises(ValueError, match="order must be one of"):
         sample_er_sde(model, x, karras_sigmas(4, 0.1, 10.0), order=4, disable=True)
     with pytest.raises(ValueError, match="flow"):
@@ -342,7 +363,7 @@ def test_extreme_strengths_stay_finite_in_float32(kind):
     model = ExactModel(default_mixture(), kind)
     sigmas = (karras_sigmas(20, 0.029, 14.6) if kind == "ve" else flow_shift_sigmas(20, 3.0)).float()
     x = torch.randn(8, 2) * float(sigmas[0])
-    for options in ({"noise_fn": "sde_5", "eta": 100.0}, {"noise_fn": "power", "p": 101.0}):
+    for options in ({"noise_fn": "sde_5", "eta": 100.0}, {"noise_fn": "power", "power": 101.0}):
         out = sample_er_sde(model, x, sigmas, extra_args={"seed": 0}, disable=True, **options)
         assert torch.isfinite(out).all(), options
 

@@ -19,6 +19,9 @@ def test_lam_is_s_over_alpha_and_inverts(kind):
     tab = sch.coefficients(sig)
     torch.testing.assert_close(tab.lam, tab.s / tab.alpha, rtol=1e-14, atol=0)
     torch.testing.assert_close(sch.sigma_from_lam(tab.lam), sig, rtol=1e-13, atol=0)
+    # The sign: the half-log-SNR is log(alpha / s), so 2 * half_log_snr = log SNR and log_lam is its negative.
+    torch.testing.assert_close(sch.half_log_snr(sig), 0.5 * torch.log(tab.alpha**2 / tab.s**2), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tab.log_lam, -sch.half_log_snr(sig), rtol=0, atol=0)
     # x = alpha x0 + s eps must have unit-variance noise geometry: vp has alpha^2 + s^2 = 1.
     if kind == "vp":
         torch.testing.assert_close(tab.alpha**2 + tab.s**2, torch.ones_like(sig), rtol=1e-14, atol=0)
@@ -48,6 +51,23 @@ def test_model_type_from_comfy_model_sampling(comfy_like, name, expected):
 def test_unsupported_model_type_is_named(comfy_like):
     with pytest.raises(ValueError, match="Unsupported model type"):
         resolve_schedule(comfy_like(lambda x, s: x, "STABLE_AUDIO_THING"))
+
+
+def test_comfy_reads_by_duck_typing(comfy_like):
+    """comfy_compat's reads on a ComfyUI-shaped model, and their defaults on a plain callable."""
+    from comfyui_fast_samplers.samplers import comfy_compat as cc
+
+    model = comfy_like(lambda x, s: x, "CONST", latent_format="Flux")
+    assert cc.model_latent_format(model) == "Flux" and cc.prediction_type(model.model_sampling) == "const"
+    assert cc.flow_start_offset_sigma(model) is None and cc.noise_scale_of(model) == 1.0
+    model.model_sampling.percent_to_sigma = lambda percent: 1.0 - percent / 2  # distinct from the input
+    model.model_sampling.noise_scale = 0.5
+    assert cc.flow_start_offset_sigma(model) == 1.0 - cc.FLOW_START_PERCENT / 2 and cc.noise_scale_of(model) == 0.5
+    model.noise, model.latent_image = torch.ones(1), torch.zeros(1)
+    assert cc.run_noise_and_latent(model) == (model.noise, model.latent_image)
+    plain = lambda x, s: x  # noqa: E731
+    assert (cc.comfy_model_sampling(plain), cc.model_latent_format(plain), cc.flow_start_offset_sigma(plain),
+            cc.noise_scale_of(plain), cc.run_noise_and_latent(plain)) == (None, None, None, 1.0, (None, None))
 
 
 def test_reference_schedules():

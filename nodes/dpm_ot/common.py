@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ...samplers.dpm_ot import OTMap, check_junction
-from ...samplers.schedule import NoiseSchedule, parametrization_of_model_sampling, prediction_type
+from ...samplers.comfy_compat import parametrization_of_model_sampling, prediction_type
+from ...samplers.schedule import NoiseSchedule
 from ..comfy_io import CATEGORY, PREFIX, io
 from ..guided import conditioning_tensors
 

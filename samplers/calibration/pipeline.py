@@ -75,7 +75,7 @@ def planner_for(fn, options: dict, model):
                                         "flow_form") if k in options}
         noise_fn = check_options(**{k: v for k, v in options.items() if k in (
             "order", "derivatives", "quadrature", "flow_start", "final_step", "s_noise", "noise", "noise_fn", "eta",
-            "p", "a", "corrector", "flow_form")})
+            "power", "sde_1_a", "p", "a", "corrector", "flow_form")})
         return lambda sig: plan_er_sde(sig, native, noise_fn, s_noise=0.0, **kept).rows
     if fn is sample_euler:
         return plan_euler

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..schedule import NoiseSchedule, parametrization_of_prediction
+from ..comfy_compat import parametrization_of_prediction
+from ..schedule import NoiseSchedule
 
 FORMAT = "dpm_ot_map"
 VERSION = "1"

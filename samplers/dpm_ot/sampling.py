@@ -8,10 +8,11 @@ import warnings
 import torch
 
 from ..classic import sample_dpmpp_2m, sample_euler, sample_heun
+from ..comfy_compat import comfy_model_sampling, model_latent_format, prediction_type, run_noise_and_latent
 from ..common import check_inputs, seeded_noise_sampler
 from ..er_sde import PRESETS as ER_SDE_PRESETS
 from ..er_sde import sample_er_sde
-from ..schedule import NoiseSchedule, comfy_model_sampling, prediction_type, resolve_schedule
+from ..schedule import NoiseSchedule, resolve_schedule
 from .map import SIGMA_TOLERANCE, OTMap
 from .scoring import TILE_ELEMENTS, exact_fp32_matmul, tiled_argmax, tiled_top2
 
@@ -24,15 +25,6 @@ FINISHERS = {
     **{name: (sample_er_sde, options) for name, options in ER_SDE_PRESETS.items()},
 }
 PLACEMENT_SEED_OFFSET = 0x5EED  # the placement's fresh noise is independent of the finisher's stream
-
-
-def model_latent_format(model) -> str | None:
-    """Class name of the ComfyUI model's latent format (SD15, SDXL, ...), or None outside ComfyUI."""
-    try:
-        latent_format = model.inner_model.model_patcher.get_model_object("latent_format")
-    except AttributeError:
-        return None
-    return None if latent_format is None else type(latent_format).__name__
 
 
 def check_map_matches(ot_map: OTMap, model, x: torch.Tensor, schedule: NoiseSchedule, sigma0: float,
@@ -64,8 +56,7 @@ def check_map_matches(ot_map: OTMap, model, x: torch.Tensor, schedule: NoiseSche
 def unit_noise(model, x: torch.Tensor, sigma0: float, schedule: NoiseSchedule) -> torch.Tensor:
     """The unit Gaussian noise of this run: ComfyUI keeps it on the wrapped model (``model.noise``);
     otherwise x / s(sigma0), which assumes an empty (zero) latent."""
-    noise = getattr(model, "noise", None)
-    latent = getattr(model, "latent_image", None)
+    noise, latent = run_noise_and_latent(model)
     if isinstance(latent, torch.Tensor) and bool(latent.any()):
         warnings.warn("DPM-OT sampler: the latent image is not empty; DPM-OT ignores it and starts from the map.")
     if not (isinstance(noise, torch.Tensor) and noise.shape == x.shape):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..common import row_seeded_noise
-from ..schedule import NoiseSchedule, ddim_step, log_lam_uniform_sigmas, parametrization_of_prediction
+from ..comfy_compat import parametrization_of_prediction
+from ..schedule import NoiseSchedule, ddim_step, log_lam_uniform_sigmas
 from .map import SIGMA_TOLERANCE, OTMap, check_clean_latents, check_junction
 
 

@@ -44,6 +44,18 @@ def test_presets_register_once(comfy):
         assert comfy.samplers.KSAMPLER_NAMES.count(name) == 1 and comfy.samplers.SAMPLER_NAMES.count(name) == 1
 
 
+def test_inputs_p_and_a_reach_the_sampler_as_power_and_sde_1_a(run_prompt, execution_error):
+    """Saved workflows keep the input ids p and a; the node passes them on as power and sde_1_a. power = 1 is
+    the ODE bit for bit (a dropped value would run the default power 2); sde_1_a = 1 is refused by name."""
+    inputs = dict(ER_SDE_NODE["inputs"], noise_fn="power", p=1.0)
+    power_one = run_prompt(_graph({"10": dict(ER_SDE_NODE, inputs=inputs)}, ["10", 0], seed=3))["out"]
+    inputs = dict(ER_SDE_NODE["inputs"], noise_fn="ode")
+    ode = run_prompt(_graph({"10": dict(ER_SDE_NODE, inputs=inputs)}, ["10", 0], seed=3))["out"]
+    assert torch.equal(power_one, ode)
+    inputs = dict(ER_SDE_NODE["inputs"], noise_fn="sde_1", a=1.0)
+    assert "sde_1_a = 1" in execution_error(_graph({"10": dict(ER_SDE_NODE, inputs=inputs)}, ["10", 0]))
+
+
 def test_out_of_range_value_fails_validation(validate):
     bad = dict(ER_SDE_NODE, inputs=dict(ER_SDE_NODE["inputs"], order=4))
     _valid, _error, node_errors = validate(_graph({"10": bad}, ["10", 0]))
