@@ -116,8 +116,12 @@ def make_noise_function(name: str = "sde_5", eta: float = 1.0, power: float | No
     sde_1 (parameter ``sde_1_a``, default 0), sde_4, sde_5: the paper's families; power: lam^power (default 2;
     ComfyUI's 'Reverse-time SDE' with slider eta is power = 1 + eta). ``eta`` is the strength phi_eta of any
     of them. ``p`` and ``a`` are the deprecated names of ``power`` and ``sde_1_a``."""
-    power = renamed_option(power, p, "power", "p", 2.0)
-    sde_1_a = renamed_option(sde_1_a, a, "sde_1_a", "a", 0.0)
+    return noise_function(name, eta, renamed_option(power, p, "power", "p", 2.0),
+                          renamed_option(sde_1_a, a, "sde_1_a", "a", 0.0))
+
+
+def noise_function(name: str, eta: float, power: float, sde_1_a: float) -> NoiseFunction:
+    """``make_noise_function`` with every option given under its current name."""
     builders = {
         "ode": lambda: power_law(1.0),
         "reverse_sde": lambda: power_law(2.0),
