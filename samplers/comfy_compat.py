@@ -5,7 +5,6 @@ Inside ComfyUI a sampler's ``model`` is the wrapped denoiser (``KSamplerX0Inpain
 ``model.inner_model.model_patcher`` is the ModelPatcher, whose ``get_model_object`` gives the model's
 ``model_sampling`` (prediction type, sigma range, ``percent_to_sigma``, ``noise_scale``) and
 ``latent_format``; the wrapper itself keeps the run's ``noise`` and ``latent_image``.
-(samplers/calibration/pipeline.py also reads model_sampling's sigma range, table and noise_scaling.)
 """
 from __future__ import annotations
 
@@ -81,3 +80,31 @@ def parametrization_of_prediction(prediction: str) -> str:
     if prediction not in names:
         raise ValueError(f"Unknown model type {prediction!r}; expected one of {sorted(names)}.")
     return "flow" if prediction.upper() in _FLOW_CLASSES else "ve"
+
+
+def model_sigma_range_and_table(model):
+    """(sigma_min, sigma_max, table) of the ComfyUI model behind ``model``, or None outside ComfyUI. ``table``:
+    the float64 sigma table of a discrete model (its ``timestep()`` rounds to a table index), else None."""
+    import torch
+
+    model_sampling = comfy_model_sampling(model)
+    if model_sampling is None:
+        return None
+    table = None
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if sigmas is not None and hasattr(model_sampling, "timestep"):
+        probe = sigmas[len(sigmas) // 2:len(sigmas) // 2 + 1] * 1.0001
+        if not torch.is_floating_point(model_sampling.timestep(probe)):
+            table = sigmas.detach().to("cpu", torch.float64)
+    return float(model_sampling.sigma_min), float(model_sampling.sigma_max), table
+
+
+def start_noise_scaling(model, sigma, noise):
+    """x at ``sigma`` as a ComfyUI run starts from an empty latent (``noise_scaling`` at max denoise: EPS gives
+    noise * sqrt(1 + sigma^2)), or None outside ComfyUI."""
+    import torch
+
+    model_sampling = comfy_model_sampling(model)
+    if model_sampling is None:
+        return None
+    return model_sampling.noise_scaling(sigma.to(noise.dtype), noise, torch.zeros_like(noise), True)

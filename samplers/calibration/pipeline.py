@@ -15,10 +15,11 @@ import warnings
 import torch
 
 from ..classic import plan_dpmpp_2m, plan_euler, sample_dpmpp_2m, sample_euler, sample_heun
+from ..comfy_compat import model_sigma_range_and_table, start_noise_scaling
 from ..dp_schedule import cache_key
 from ..er_sde import check_options, plan_er_sde, sample_er_sde
 from ..presets import SAMPLERS
-from ..schedule import NoiseSchedule, comfy_model_sampling, resolve_schedule
+from ..schedule import NoiseSchedule, resolve_schedule
 from .report import VERSION, CalibrationReport, load_cached, save_cached
 from .search import (
     SigmaRange, Stepper, candidate_grid, fine_grid, mean_error, refine, solver_aware_dp, teacher_solve,
@@ -104,17 +105,11 @@ def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=Non
     """From ComfyUI's model_sampling (sigma_min / sigma_max, and its table when the model is discrete: its
     timestep() rounds to a table index), from the model's own attributes, or from the options."""
     schedule = resolve_schedule(model, parametrization)
-    ms = comfy_model_sampling(model)
-    table = None
-    if ms is not None:
-        lo, hi = float(ms.sigma_min), float(ms.sigma_max)
-        sigmas = getattr(ms, "sigmas", None)
-        if sigmas is not None and hasattr(ms, "timestep"):
-            probe = sigmas[len(sigmas) // 2:len(sigmas) // 2 + 1] * 1.0001
-            if not torch.is_floating_point(ms.timestep(probe)):
-                table = sigmas.detach().to("cpu", torch.float64)
+    comfy_range = model_sigma_range_and_table(model)
+    if comfy_range is not None:
+        lo, hi, table = comfy_range
     else:
-        lo, hi = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None)
+        lo, hi, table = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None), None
     lo = float(sigma_min) if sigma_min is not None else lo
     hi = float(sigma_max) if sigma_max is not None else (1.0 if schedule.is_flow and hi is None else hi)
     if lo is None or hi is None:
@@ -127,11 +122,9 @@ def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=Non
 
 def start_state(model, noise: torch.Tensor, rng: SigmaRange) -> torch.Tensor:
     """x at the start as a ComfyUI run sees it (model_sampling.noise_scaling at max denoise), else s * noise."""
-    ms = comfy_model_sampling(model)
     sigma = torch.tensor(rng.sigma_max, dtype=torch.float64)
-    if ms is not None:
-        return ms.noise_scaling(sigma.to(noise.dtype), noise, torch.zeros_like(noise), True)
-    return float(rng.schedule.s(sigma)) * noise
+    x = start_noise_scaling(model, sigma, noise)
+    return float(rng.schedule.s(sigma)) * noise if x is None else x
 
 
 def check_deterministic(run, x: torch.Tensor, sigmas: torch.Tensor, who: str) -> None:
