@@ -132,6 +132,21 @@ def table(rows: dict, results: dict, shapes, steps_list) -> list[str]:
     return lines
 
 
+TARGETS = {"ode": ("ComfyUI euler", 1.2), "sde": ("ComfyUI euler_ancestral", 2.0), "brownian": ("ComfyUI dpmpp_2m_sde", 3.0)}
+
+
+def over_target(rows: dict, results: dict) -> list[str]:
+    """The pack's rows above the targets of issue 12 (deterministic <= 1.2x ComfyUI euler, stochastic <= 2x
+    ComfyUI euler_ancestral, Brownian <= 3x ComfyUI dpmpp_2m_sde), per column."""
+    lines = []
+    for (shape, steps), res in results.items():
+        misses = [f"{name} {res[name] / res[TARGETS[kind][0]]:.2f}" for name, (_, _, kind) in rows.items()
+                  if not name.startswith("ComfyUI") and "(before)" not in name
+                  and res[name] / res[TARGETS[kind][0]] > TARGETS[kind][1]]
+        lines.append(f"- {list(shape)} {steps} steps: " + (", ".join(misses) if misses else "none"))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=21, help="interleaved rounds (median kept)")
@@ -167,6 +182,8 @@ def main(argv=None):
         "(the same one Gaussian draw per step), Brownian rows also / ComfyUI dpmpp_2m_sde's (BrownianTreeNoiseSampler).",
         "", f"ComfyUI euler per step: {euler_us}.", "",
         *table(rows, results, SHAPES, args.steps), "",
+        "Above the targets (deterministic <= 1.2x ComfyUI euler, stochastic <= 2x ComfyUI euler_ancestral, "
+        "Brownian <= 3x ComfyUI dpmpp_2m_sde; current rows only):", "", *over_target(rows, results), "",
         f"Run time {runtime:.0f} s.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

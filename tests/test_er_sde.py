@@ -405,3 +405,28 @@ def test_brownian_noise_is_one_path_across_step_counts():
     out = sample_er_sde(ExactModel(mix, "ve"), x, karras_sigmas(20, 0.029, 14.6), extra_args={"seed": 3},
                         noise="brownian", disable=True)
     assert gaussian_w2(out, mix.mean, mix.covariance) < 0.03
+
+
+def test_plan_cache_keys_on_every_input_and_still_warns():
+    """The plan cache returns the plan of the same inputs (equal to a fresh one), a new plan when the
+    sigmas, the noise function's strength or an option differ, and the kappa < 1 warning on every run."""
+    from comfyui_fast_samplers.samplers.er_sde import _plan_of, cached_plan, plan_er_sde
+    from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
+
+    _plan_of.cache_clear()
+    model = ExactModel(default_mixture(), "flow")
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigmas = flow_shift_sigmas(10, 3.0)
+    runs = []
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="kappa < 1"):
+            runs.append(sample_er_sde(model, x, sigmas, extra_args={"seed": 1}, noise_fn="sde_4", disable=True))
+    assert _plan_of.cache_info().hits == 1 and torch.equal(*runs)
+    schedule, options = NoiseSchedule("flow"), (3, "corrected", "exact", "exact", "denoise", 1.0, None, False)
+    plan = cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options)
+    assert plan.rows == plan_er_sde(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options).rows
+    assert cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options) is plan
+    others = [cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5000001), *options),
+              cached_plan(sigmas * 0.999, schedule, make_noise_function("sde_5", eta=0.5), *options),
+              cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options[:5], 0.9, None, False)]
+    assert all(other.rows != plan.rows for other in others)
