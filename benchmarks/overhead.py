@@ -1,6 +1,6 @@
 """Per-step overhead of the pack's samplers against ComfyUI's own, with an identity model.
 
-    PYTHONPATH=.. /tmp/cvenv/bin/python benchmarks/overhead.py      # --help: --repeats, --steps, --before, --out
+    PYTHONPATH=.. /tmp/cvenv/bin/python benchmarks/overhead.py      # --help: --repeats, --brownian-repeats, --steps, --before, --out
 
 With the model ``D(x, sigma) = x`` a step costs the sampler's own work: planning (the pack computes
 every coefficient of a run once, in float64 on the host), the per-step arithmetic on the latent and
@@ -8,7 +8,9 @@ the noise draw. Every row runs a whole sampler call (setup and planning included
 (SD1.5's discrete EPS table, karras schedule as ComfyUI computes it, float32), seed 0, no progress
 bar, one torch thread; the time is divided by the step count. Rows are interleaved (each repetition
 runs every row once, in a rotated order) and the median is kept, so load from other processes
-slows all rows alike; ratios are taken within one run.
+slows all rows alike; ratios are taken within one run. The Brownian rows (tens of milliseconds a
+step) run as a second interleaved group with fewer rounds, beside ComfyUI's euler again. The ER-SDE
+entries also run with the plan cache emptied before each call ("cold plan": a schedule's first run).
 
 Ratios: every row against ComfyUI's ``euler``; stochastic rows also against ComfyUI's
 ``euler_ancestral`` (which pays the same Gaussian draw per step), and Brownian-noise rows against
@@ -149,7 +151,8 @@ def over_target(rows: dict, results: dict) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=21, help="interleaved rounds (median kept)")
+    parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds (median kept)")
+    parser.add_argument("--brownian-repeats", type=int, default=5, help="interleaved rounds of the Brownian rows")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--before", type=Path, default=None, help="an older checkout of the pack to compare with")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -167,7 +170,12 @@ def main(argv=None):
     for shape in SHAPES:
         for steps in args.steps:
             print(f"{list(shape)} {steps} steps ...", flush=True)
-            results[(shape, steps)] = measure(rows, shape, steps, args.repeats)
+            fast = {name: row for name, row in rows.items() if row[2] != "brownian"}
+            slow = {name: row for name, row in rows.items() if row[2] == "brownian" or name == "ComfyUI euler"}
+            res = measure(fast, shape, steps, args.repeats)
+            brownian = measure(slow, shape, steps, args.brownian_repeats)
+            scale = res["ComfyUI euler"] / brownian.pop("ComfyUI euler")  # Brownian rows on the fast group's euler
+            results[(shape, steps)] = {**res, **{name: t * scale for name, t in brownian.items()}}
     runtime, load_end = time.perf_counter() - t0, load_average()
     euler_us = ", ".join(f"{list(shape)} {steps} steps {1e6 * results[(shape, steps)]['ComfyUI euler']:.0f} us"
                          for shape in SHAPES for steps in args.steps)
@@ -177,7 +185,9 @@ def main(argv=None):
         f"{load_start} at the start, {load_end} at the end (the machine's cores are shared).", "",
         f"    {command}", "",
         f"Median of {args.repeats} interleaved rounds per row, a whole sampler call (setup and planning included) "
-        "divided by the step count; VE model (SD1.5 EPS table), karras, float32, seed 0.", "",
+        "divided by the step count; VE model (SD1.5 EPS table), karras, float32, seed 0. The Brownian rows (and "
+        f"ComfyUI euler once more, which scales them) run as a second interleaved group, median of "
+        f"{args.brownian_repeats} rounds.", "",
         "Cells: time per step / ComfyUI euler's; stochastic rows (sde) of the pack also / ComfyUI euler_ancestral's "
         "(the same one Gaussian draw per step), Brownian rows also / ComfyUI dpmpp_2m_sde's (BrownianTreeNoiseSampler).",
         "", f"ComfyUI euler per step: {euler_us}.", "",
