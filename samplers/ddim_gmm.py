@@ -148,12 +148,21 @@ def make_directions(dim: int, components: int, seed: int, device=None, dtype=tor
                     % components]
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         first_row = (eigenvectors[0] * eigenvalues.clamp(min=1e-300).rsqrt()) @ eigenvectors.T
-        shifts = torch.stack([torch.roll(g, j * step) for j in range(components)])
-        h = first_row.to(dtype) @ shifts
-        return torch.stack([torch.roll(h, i * step) for i in range(components)])
+        h = first_row.to(dtype) @ _cyclic_shifts(g, components, step)
+        return _cyclic_shifts(h, components, step)
     raw = torch.randn(components, dim, device=device, dtype=dtype, generator=generator)
     chol = torch.linalg.cholesky_ex((raw @ raw.T).to(torch.float64)).L
     return torch.linalg.solve_triangular(chol, eye, upper=False).to(dtype) @ raw
+
+
+def _cyclic_shifts(v: torch.Tensor, count: int, step: int) -> torch.Tensor:
+    """[count, D]: row j is torch.roll(v, j * step), copied straight into one tensor."""
+    out = torch.empty((count, v.numel()), dtype=v.dtype, device=v.device)
+    for j in range(count):
+        shift = (j * step) % v.numel()
+        out[j, shift:] = v[:v.numel() - shift]
+        out[j, :shift] = v[v.numel() - shift:]
+    return out
 
 
 def mixture_noise(step: GMMStep, directions: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -205,10 +214,11 @@ def sample_ddim_gmm(model, x, sigmas, extra_args=None, callback=None, disable=No
         if step.final:
             x = denoised
             continue
-        x = step.A * x + step.B * denoised
+        x = step.A * x  # a new tensor (the model and the callback saw the old one); the other terms added in place
+        x += step.B * denoised
         if step.mixture:
             z = noise().reshape(batch, dim).to(work) if step.c > 0 else None
-            x = x + mixture_noise(step, directions, z, onehot[i]).reshape(x.shape).to(x.dtype)
+            x += mixture_noise(step, directions, z, onehot[i]).reshape(x.shape).to(x.dtype)
         elif step.c > 0:
-            x = x + step.c * noise()
+            x += step.c * noise()
     return x

@@ -7,6 +7,7 @@ Derivation and measurements: shared/specs/er_sde.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ import torch
 
 from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
-from .multistep import StepRow, derivative_weights, merge_correction, run_rows
+from .multistep import StepRow, derivative_weight_rows, merge_correction, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
-    LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficients,
-    taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
+    LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficient_rows,
+    taylor_coefficients, taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
 from .schedule import NoiseSchedule
 
@@ -76,33 +77,43 @@ def resolved_flow_form(flow_form, noise_fn: NoiseFunction) -> str:
     return "hybrid" if noise_fn.deterministic else "lambda"
 
 
-def _derivative_weights(lams: list[float], order: int, derivatives: str) -> np.ndarray:
-    """[order - 1, order] weights on (D_i, D_{i-1}, ...) of D', D'', ... at lam_i. 'corrected': the
+def _derivative_weights(lams: list[float], order: int, derivatives: str) -> list[list[float]]:
+    """[order - 1][order] weights on (D_i, D_{i-1}, ...) of D', D'', ... at lam_i. 'corrected': the
     derivatives of the interpolating polynomial (a true order-p step); 'paper': D' = the slope between the
     two newest nodes (the midpoint slope of the published update)."""
-    d = derivative_weights(lams[:order], lams[0], order - 1) if order >= 2 else np.zeros((0, max(order, 1)))
+    if order < 2:
+        return []
+    d = derivative_weight_rows(lams[:order], lams[0], order - 1)
     if derivatives == "paper" and order >= 3:
-        d[0] = 0.0
-        d[0, :2] = derivative_weights(lams[:2], lams[0], 1)[0]
+        d[0] = derivative_weight_rows(lams[:2], lams[0], 1)[0] + [0.0] * (order - 2)
     return d
 
 
-def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor: tuple,
-                    fn: NoiseFunction, quadrature: str):
+def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor, fn: NoiseFunction,
+                    quadrature: str, c=None):
     """Weights on (D_t, D_s, D_{s1}, ...) of the corrector's change of x_t (UniC-style, exact weights):
     the derivatives at lam_s of the polynomial through lam_t and the predictor's nodes replace the
-    predictor's, y_t += sum_k c_{k+1} (a_k^corr - a_k^pred) (shared/specs/calibration.md section 3.3)."""
-    corr_nodes = [lam_t] + nodes
+    predictor's, y_t += sum_k c_{k+1} (a_k^corr - a_k^pred) (shared/specs/calibration.md section 3.3).
+    ``c``: the step's (c2, ..., c_{len(nodes)+1}) when already known."""
+    corr_nodes = [lam_t] + list(nodes)
     terms = len(nodes)
-    c = taylor_coefficients(fn, lam_t, lam_s, quadrature, terms)
-    corr = derivative_weights(corr_nodes, lam_s, terms)
-    change = np.zeros(len(corr_nodes))
+    c = taylor_coefficients(fn, lam_t, lam_s, quadrature, terms) if c is None else c
+    corr = derivative_weight_rows(corr_nodes, lam_s, terms)
+    change = [0.0] * len(corr_nodes)
     for k in range(terms):
-        pred_k = np.zeros(len(corr_nodes))
-        if k < len(predictor):
-            pred_k[1:] = predictor[k][:len(nodes)]
-        change += c[k] * (corr[k] - pred_k)
-    return tuple(alpha_t * change)
+        pred_k = [0.0, *predictor[k][:terms]] if k < len(predictor) else [0.0] * len(corr_nodes)
+        for j in range(len(corr_nodes)):
+            change[j] += c[k] * (corr[k][j] - pred_k[j])
+    return tuple(alpha_t * v for v in change)
+
+
+def _weighted_rows(coefficients, rows, width: int) -> list[float]:
+    """sum_k coefficients[k] * rows[k] as a list of ``width`` floats (0 where there are no rows)."""
+    out = [0.0] * width
+    for ck, row in zip(coefficients, rows):
+        for j in range(width):
+            out[j] += ck * row[j]
+    return out
 
 
 def plan_er_sde(
@@ -118,15 +129,18 @@ def plan_er_sde(
     flow_start_sigma: float | None = None,
     corrector: bool = False,
     flow_form: str | None = None,
+    warn: bool = True,
 ) -> ERSDEPlan:
-    """All coefficients of a run, in float64 on the host. Row i depends only on sigmas[: i + 2]."""
+    """All coefficients of a run, in float64 on the host. Row i depends only on sigmas[: i + 2].
+    Two passes: the shape of every step (order, nodes), then the Taylor coefficients of all steps in
+    one evaluation (``taylor_coefficient_rows``) and the rows."""
     check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
                   final_step=final_step, s_noise=s_noise)
+    if corrector and not noise_fn.deterministic:
+        raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {noise_fn.name}.")
     flow_form = resolved_flow_form(flow_form, noise_fn) if schedule.is_flow else "lambda"
     if flow_form != "lambda" and not noise_fn.deterministic:
         raise ValueError(f"ER-SDE: flow_form {flow_form!r} is for the ODE only; the SDE runs in lambda.")
-    if corrector and not noise_fn.deterministic:
-        raise ValueError(f"ER-SDE: the corrector is for the ODE only (noise_fn 'ode' or eta 0), got {noise_fn.name}.")
     sig = sigmas.to(torch.float64).clone()
     if schedule.is_flow and flow_start == "comfy_offset" and sig[0] >= 1.0:
         sig[0] = flow_start_sigma if flow_start_sigma is not None else 1.0 - 1e-4
@@ -138,35 +152,55 @@ def plan_er_sde(
         ve = NoiseSchedule("ve").coefficients(sig)
         sigma_form = tuple(t.tolist() for t in (ve.alpha, ve.s, ve.lam))
     L_arr = np.array(log_lam)
-    log_psi = np.where(np.isfinite(L_arr), noise_fn.log_phi(np.where(np.isfinite(L_arr), L_arr, 0.0)) - L_arr, np.nan)
+    finite = np.isfinite(L_arr)
+    log_psi = np.where(finite, noise_fn.log_phi(np.where(finite, L_arr, 0.0)) - L_arr, np.nan).tolist()
     plan = ERSDEPlan(model_sigmas=sig)
-    evaluated: list[int] = []  # indices of past evaluations, newest first
-    pending = None  # the corrector's change of the current state, folded into the step that leaves it
     stochastic = s_noise > 0 and not noise_fn.deterministic
+    # pass 1: every step's form, order and interpolation nodes (lam of past evaluations, newest first)
+    steps, evaluated = [], []
     for i in range(len(sig) - 1):
-        sig_s, sig_t = sig_list[i], sig_list[i + 1]
-        if sig_t == sig_s:
-            plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
+        if sig_list[i + 1] == sig_list[i]:
+            steps.append(None)
             continue
         evaluated.insert(0, i)
         at_top = any(not math.isfinite(own_form[2][j]) for j in evaluated[:order])
-        alpha, s, lam = sigma_form if flow_form == "sigma" or (flow_form == "hybrid" and at_top) else own_form
-        history = [lam[j] for j in evaluated]  # lam of past evaluations, newest first
+        form = sigma_form if flow_form == "sigma" or (flow_form == "hybrid" and at_top) else own_form
+        lam = form[2]
+        history = [lam[j] for j in evaluated]
         usable = 0
         for h in history:
             if not math.isfinite(h) or usable >= order:
                 break
             usable += 1
         step_order = min(order, max(usable, 1))
-        deriv = _derivative_weights(history, step_order, derivatives)  # rows: D', D'', ...
+        if sig_list[i + 1] == 0.0:
+            terms = 0
+        else:
+            terms = step_order if corrector and math.isfinite(lam[i]) else step_order - 1
+        steps.append((step_order, history[:step_order], terms, form))
+    # pass 2: the Taylor coefficients of every step at once, then the rows
+    need = [i for i, step in enumerate(steps) if step is not None and step[2] > 0]
+    coeffs = dict(zip(need, taylor_coefficient_rows(noise_fn, [steps[i][3][2][i + 1] for i in need],
+                                                    [steps[i][3][2][i] for i in need], quadrature,
+                                                    max((steps[i][2] for i in need), default=1))))
+    pending = None  # the corrector's change of the current state, folded into the step that leaves it
+    for i, step in enumerate(steps):
+        sig_s, sig_t = sig_list[i], sig_list[i + 1]
+        if step is None:
+            plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
+            continue
+        step_order, nodes, _, (alpha, s, lam) = step
+        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
-            W = np.eye(step_order)[0]
+            W = [1.0] + [0.0] * (step_order - 1)
             if final_step == "extrapolate":
-                W = W + sum((-lam[i]) ** (k + 1) / math.factorial(k + 1) * row for k, row in enumerate(deriv))
+                taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
+                W = [w + e for w, e in zip(W, _weighted_rows(taylor, deriv, step_order))]
             if final_step == "corrected" and pending is not None:
                 # the clean prediction moved with the corrector's change of the last state (the denoiser's
                 # Jacobian taken as 1: exact as the last noise level goes to 0)
-                W = np.pad(W, (0, max(0, len(pending) - len(W)))) + np.pad(pending, (0, max(0, len(W) - len(pending))))
+                width = max(len(W), len(pending))
+                W = [a + b for a, b in zip(W + [0.0] * (width - len(W)), list(pending) + [0.0] * (width - len(pending)))]
             plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=tuple(W), order=step_order))
             pending = None
             continue
@@ -179,10 +213,10 @@ def plan_er_sde(
             log_q = 0.0
         q = math.exp(log_q)
         A = s[i + 1] / s[i] * q
-        W = np.eye(step_order)[0] * (alpha[i + 1] - A * alpha[i])
+        W = [alpha[i + 1] - A * alpha[i]] + [0.0] * (step_order - 1)
+        c = coeffs.get(i, ())
         if step_order >= 2:
-            c = taylor_coefficients(noise_fn, lam[i + 1], lam[i], quadrature, step_order - 1)
-            W = W + alpha[i + 1] * sum(ck * row for ck, row in zip(c, deriv))
+            W = [w + alpha[i + 1] * d for w, d in zip(W, _weighted_rows(c[:step_order - 1], deriv, step_order))]
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
         if stochastic:
             log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
@@ -191,21 +225,44 @@ def plan_er_sde(
         plan.rows.append(merge_correction(row, pending))
         pending = None
         if corrector and math.isfinite(lam[i]):
-            pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], history[:step_order], deriv, noise_fn,
-                                      quadrature)
+            pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], nodes, deriv, noise_fn, quadrature, c)
+    if warn:
+        _warn_clamped(plan, noise_fn, stacklevel=4)
+    return plan
+
+
+def _warn_clamped(plan: ERSDEPlan, noise_fn: NoiseFunction, stacklevel: int):
     if plan.clamped_steps:
         warnings.warn(
             f"ER-SDE: the noise function {noise_fn.name} has kappa < 1 on {plan.clamped_steps} step(s) of this "
             "schedule (e.g. sde_4 above lam ~ 1e3, the first steps of flow models); those steps add no noise.",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_of(sigma_values: tuple, schedule: NoiseSchedule, noise_fn: NoiseFunction, *options) -> ERSDEPlan:
+    return plan_er_sde(torch.tensor(sigma_values, dtype=torch.float64), schedule, noise_fn, *options, warn=False)
+
+
+def cached_plan(sigmas: torch.Tensor, schedule: NoiseSchedule, noise_fn: NoiseFunction, *options) -> ERSDEPlan:
+    """``plan_er_sde`` through a small cache keyed on the sigmas' values, the schedule, the noise function
+    (``make_noise_function`` returns one object per setting) and the options: a queue that re-runs one
+    schedule plans it once. The plan is shared; nothing writes to it."""
+    plan = _plan_of(tuple(sigmas.tolist()), schedule, noise_fn, *options)
+    _warn_clamped(plan, noise_fn, stacklevel=4)
     return plan
 
 
 def brownian_noise_sampler(x: torch.Tensor, plan: ERSDEPlan, seed=None):
     """Step noise ``(sigma, sigma_next) -> z`` as normalised increments of one Brownian path in the clock
     tau = 1/psi^2: the ER-SDE step's noise variance is s_t^2 psi_t^2 (tau_t - tau_s), so two half-steps
-    compose into one and runs with N and 2N steps share the path. tau is mapped affinely to [0, 1]."""
+    compose into one and runs with N and 2N steps share the path. tau is mapped affinely to [0, 1].
+
+    The tree is in the latent's dtype, float32 for half-precision latents (like ComfyUI's
+    BrownianTreeNoiseSampler): a float64 tree draws 4x slower on CPU, and float32 keeps an
+    increment's relative rounding error near 1e-6 at the tree's depth. The tolerance stays 1e-12:
+    the first steps of reverse_sde take about 1e-6 of the clock span (query points are rounded to it)."""
     try:
         import torchsde
     except ImportError as err:
@@ -217,7 +274,8 @@ def brownian_noise_sampler(x: torch.Tensor, plan: ERSDEPlan, seed=None):
     lo, hi = min(clocks), max(clocks)
     span = hi - lo if hi > lo else 1.0
     seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
-    tree = torchsde.BrownianTree(t0=torch.tensor(0.0, dtype=torch.float64), w0=torch.zeros_like(x, dtype=torch.float64),
+    tree_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tree = torchsde.BrownianTree(t0=torch.tensor(0.0, dtype=torch.float64), w0=torch.zeros_like(x, dtype=tree_dtype),
                                  t1=torch.tensor(1.0, dtype=torch.float64), entropy=seed, tol=1e-12)
 
     def sample(sigma, sigma_next):
@@ -291,12 +349,12 @@ def sample_er_sde(
     fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, power,
                        sde_1_a, corrector, flow_form, p=p, a=a)
     offset_sigma = flow_start_offset_sigma(model) if flow_start == "comfy_offset" else None
-    plan = plan_er_sde(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
+    plan = cached_plan(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
                        step_noise_scale(model, s_noise), offset_sigma, corrector, flow_form)
     if noise_sampler is None:
         if noise == "brownian":
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:
             noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
-    device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype)
+    device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype, copy=True)  # the cached plan's stays as is
     return run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)

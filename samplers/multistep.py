@@ -16,7 +16,6 @@ derivatives, at a point, of the polynomial interpolating a few nodes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,22 +40,40 @@ class StepRow:
     order: int = 1
 
 
+def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
+    """``derivative_weights`` as host lists (what the planners use: no numpy per row)."""
+    nodes = [float(v) for v in nodes]
+    n = len(nodes)
+    top = min(count, n - 1)
+    # Fornberg (1988): c[m][j], the weight of f_j in the m-th derivative at ``at``, built node by node
+    c = [[0.0] * n for _ in range(top + 1)]
+    c[0][0] = 1.0
+    prod_prev, offset = 1.0, nodes[0] - at
+    for i in range(1, n):
+        prod, offset_prev, offset = 1.0, offset, nodes[i] - at
+        m_max = min(i, top)
+        for j in range(i):
+            gap = nodes[i] - nodes[j]
+            prod *= gap
+            if j == i - 1:
+                for m in range(m_max, 0, -1):
+                    c[m][i] = prod_prev * (m * c[m - 1][i - 1] - offset_prev * c[m][i - 1]) / prod
+                c[0][i] = -prod_prev * offset_prev * c[0][i - 1] / prod
+            for m in range(m_max, 0, -1):
+                c[m][j] = (offset * c[m][j] - m * c[m - 1][j]) / gap
+            c[0][j] = offset * c[0][j] / gap
+        prod_prev = prod
+    return [c[k] if k <= top else [0.0] * n for k in range(1, count + 1)]
+
+
 def derivative_weights(nodes, at: float, count: int) -> np.ndarray:
     """[count, len(nodes)] weights: row k gives the (k+1)-th derivative at ``at`` of the polynomial
     of degree len(nodes) - 1 through (nodes_j, f_j), as sum_j w[k, j] f_j. Rows beyond the degree
-    are 0. Solved on scaled offsets (Taylor form), exact to float64 rounding for <= 5 nodes."""
-    offsets = np.asarray(nodes, dtype=np.float64) - at
-    n = len(offsets)
-    weights = np.zeros((count, n))
+    are 0. Fornberg's recursion on the offsets (no linear solve)."""
+    n = len(nodes)
     if n < 2 or count < 1:
-        return weights
-    scale = np.abs(offsets).max()
-    u = offsets / scale
-    taylor = np.array([[uj**k / math.factorial(k) for k in range(n)] for uj in u])  # f_j = sum_k a_k u_j^k / k!
-    coeffs = np.linalg.solve(taylor, np.eye(n))  # a = coeffs @ f, a_k = d^k P / du^k at u = 0
-    for k in range(1, min(count, n - 1) + 1):
-        weights[k - 1] = coeffs[k] / scale**k
-    return weights
+        return np.zeros((max(count, 0), n))
+    return np.array(derivative_weight_rows(nodes, at, count))
 
 
 def merge_correction(row: StepRow, correction) -> StepRow:
@@ -82,6 +99,7 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
     Tensors the model or the callback saw are never modified."""
     extra_args = {} if extra_args is None else extra_args
     depth = max((len(r.W) for r in rows), default=0)
+    weights = [history_weights(r) for r in rows]  # the nonzero W of every row, once
     if model_sigmas is None:
         model_sigmas = torch.tensor([r.sigma for r in rows], dtype=torch.float64)
     model_sigmas = model_sigmas.to(x.device)
@@ -95,24 +113,32 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
         history.insert(0, denoised)
         del history[depth:]
         report(callback, i, x, model_sigmas[i], denoised)
-        x = apply_row(x, row, history, constant, noise_sampler)
+        x = apply_row(x, row, history, constant, noise_sampler, weights[i])
     return x
 
 
-def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None):
-    """A x + sum W D + C c + E z into one new tensor (first term out of place, the rest in place)."""
-    terms = [(row.A, x)] if row.A != 0.0 else []
-    terms += [(w, d) for w, d in zip(row.W, history) if w != 0.0]
+def history_weights(row: StepRow) -> tuple:
+    """((k, W[k]) for the nonzero weights of a row): what ``apply_row`` adds from the history."""
+    return tuple((k, w) for k, w in enumerate(row.W) if w != 0.0)
+
+
+def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None, weights=None):
+    """A x + sum W D + C c + E z into one new tensor (the first nonzero term out of place, the rest added
+    in place, in this order). ``weights``: ``history_weights(row)`` when precomputed."""
+    weights = history_weights(row) if weights is None else weights
+    out = None if row.A == 0.0 else _accumulate(None, x, row.A)
+    for k, w in weights:
+        out = _accumulate(out, history[k], w)
     if row.C != 0.0:
-        terms.append((row.C, constant))
+        out = _accumulate(out, constant, row.C)
     if row.draw:
         z = noise_sampler(row.sigma, row.sigma_next)
         if row.E != 0.0:
-            terms.append((row.E, z))
-    if not terms:
-        return torch.zeros_like(x)
-    (w0, t0), rest = terms[0], terms[1:]
-    out = t0 * w0 if w0 != 1.0 else t0.clone()
-    for w, t in rest:
-        out.add_(t, alpha=w)
-    return out
+            out = _accumulate(out, z, row.E)
+    return torch.zeros_like(x) if out is None else out
+
+
+def _accumulate(out, term, weight):
+    if out is None:
+        return term * weight if weight != 1.0 else term.clone()
+    return out.add_(term, alpha=weight)

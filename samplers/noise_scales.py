@@ -2,6 +2,7 @@
 coefficients c2, c3, ... of the Taylor terms, in float64 on the host (shared/specs/er_sde.md)."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -120,8 +121,10 @@ def make_noise_function(name: str = "sde_5", eta: float = 1.0, power: float | No
                           renamed_option(sde_1_a, a, "sde_1_a", "a", 0.0))
 
 
+@functools.lru_cache(maxsize=64)
 def noise_function(name: str, eta: float, power: float, sde_1_a: float) -> NoiseFunction:
-    """``make_noise_function`` with every option given under its current name."""
+    """``make_noise_function`` with every option given under its current name: one (immutable) object per
+    setting, so a plan cache can key on it."""
     builders = {
         "ode": lambda: power_law(1.0),
         "reverse_sde": lambda: power_law(2.0),
@@ -148,17 +151,28 @@ def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float
     """c_{k+1} = phi_t int_{lam_t}^{lam_s} kappa (lam - lam_s)^k / (k! phi) dlam / lam ... in the sign-definite
     form (integration by parts), k = 1..terms: c2 = phi_t int 1/phi + (lam_t - lam_s),
     c3 = phi_t int (lam - lam_s)/phi + (lam_t - lam_s)^2/2; composite Gauss-Legendre in v = log(lam / lam_t)."""
-    u = math.log(lam_s / lam_t)
-    rho = math.exp(u)
-    panels = max(1, math.ceil(u / _PANEL_WIDTH))
-    edges = np.linspace(0.0, u, panels + 1)
-    half = np.diff(edges)[:, None] / 2
-    v = (edges[:-1, None] + half * (1 + _GL_NODES[None, :])).ravel()
-    w = (half * _GL_WEIGHTS[None, :]).ravel()
-    L_t = math.log(lam_t)
-    kernel = w * fn.kappa(L_t + v) * np.exp(fn.log_phi(np.array(L_t)) - fn.log_phi(L_t + v))
-    gap = np.exp(v) - rho  # <= 0
-    return tuple(float(lam_t**k * np.sum(gap**k / math.factorial(k) * kernel)) for k in range(1, terms + 1))
+    return tuple(float(c) for c in quadrature_rows(fn, [lam_t], [lam_s], terms)[0])
+
+
+def quadrature_rows(fn: NoiseFunction, lam_t, lam_s, terms: int) -> np.ndarray:
+    """``taylor_coefficients_quadrature`` of many steps in one evaluation: [steps, terms]. Step r has
+    ceil(u_r / panel width) panels (at least one); the panels a step lacks get zero weight."""
+    lam_t, lam_s = np.asarray(lam_t, dtype=np.float64), np.asarray(lam_s, dtype=np.float64)
+    u = np.log(lam_s / lam_t)
+    panels = np.maximum(1.0, np.ceil(u / _PANEL_WIDTH))
+    width = (u / panels)[:, None, None]
+    index = np.arange(int(panels.max()))[None, :, None]
+    live = index < panels[:, None, None]  # [steps, panels, 1]
+    v = np.where(live, index * width + width / 2 * (1 + _GL_NODES), 0.0)
+    w = np.where(live, width / 2 * _GL_WEIGHTS, 0.0)
+    L_t = np.log(lam_t)[:, None, None]
+    kernel = w * fn.kappa(L_t + v) * np.exp(fn.log_phi(L_t) - fn.log_phi(L_t + v))
+    gap = np.exp(v) - np.exp(u)[:, None, None]  # <= 0
+    out = np.empty((len(u), terms))
+    for k in range(1, terms + 1):
+        kernel = kernel * gap / k  # gap^k / k! times the kernel
+        out[:, k - 1] = lam_t**k * kernel.sum(axis=(1, 2))
+    return out
 
 
 def taylor_coefficients_power(p: float, lam_t: float, lam_s: float) -> tuple[float, float]:
@@ -191,12 +205,21 @@ def taylor_coefficients_comfy(fn: NoiseFunction, lam_t: float, lam_s: float) -> 
 def taylor_coefficients(fn: NoiseFunction, lam_t: float, lam_s: float, quadrature: str = "exact",
                         terms: int = 2) -> tuple:
     """(c2, ..., c_{terms+1}); c4 and beyond always by quadrature."""
-    if quadrature == "comfy_riemann":
-        head = taylor_coefficients_comfy(fn, lam_t, lam_s)
-    elif fn.power is not None and math.log(lam_s / lam_t) >= _CLOSED_FORM_MIN_U:
-        head = taylor_coefficients_power(fn.power, lam_t, lam_s)
-    else:
-        return taylor_coefficients_quadrature(fn, lam_t, lam_s, max(terms, 2))[:terms]
-    if terms <= 2:
-        return head[:terms]
-    return head + taylor_coefficients_quadrature(fn, lam_t, lam_s, terms)[2:]
+    return taylor_coefficient_rows(fn, [lam_t], [lam_s], quadrature, terms)[0]
+
+
+def taylor_coefficient_rows(fn: NoiseFunction, lam_t, lam_s, quadrature: str = "exact", terms: int = 2) -> list:
+    """``taylor_coefficients`` of many steps (lists of lam_t, lam_s), the quadratures in one evaluation."""
+    heads = []
+    for t, s in zip(lam_t, lam_s):
+        if quadrature == "comfy_riemann":
+            heads.append(taylor_coefficients_comfy(fn, t, s))
+        elif fn.power is not None and math.log(s / t) >= _CLOSED_FORM_MIN_U:
+            heads.append(taylor_coefficients_power(fn.power, t, s))
+        else:
+            heads.append(None)
+    need = [r for r, head in enumerate(heads) if head is None or terms > 2]
+    quad = dict(zip(need, quadrature_rows(fn, [lam_t[r] for r in need], [lam_s[r] for r in need],
+                                          max(terms, 2)).tolist())) if need else {}
+    return [tuple(quad[r][:terms]) if head is None else head[:terms] + tuple(quad.get(r, ())[2:terms])
+            for r, head in enumerate(heads)]

@@ -379,6 +379,36 @@ def test_kappa_below_one_warns_and_adds_no_noise():
                       karras_sigmas(10, 0.03, 14.6), noise_fn="sde_4", disable=True)
 
 
+def test_brownian_increments_compose_and_have_unit_variance():
+    """The Brownian tree runs in the latent's dtype (float32 for ComfyUI latents). On reverse_sde's clock
+    (at 40 steps the first take ~3e-7 of the span) every step's normalised increment has unit variance
+    (2^14 numbers, below torch's parallel grain: 3.5% is ~6 standard errors; with query points rounded to
+    1e-6 of the span, torchsde's default tolerance, a step misses it by 4.7%), and two half-steps of a 40-step run add up to the step of the
+    20-step run with the same seed, to float32 rounding (1e-5 of the increment)."""
+    pytest.importorskip("torchsde")
+    from comfyui_fast_samplers.samplers.er_sde import brownian_noise_sampler, make_noise_function, plan_er_sde
+
+    from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
+
+    base = karras_sigmas(41, 0.029, 14.6)[:-1]
+    dtype = torch.float32
+    x = torch.zeros(1, 2**14, dtype=dtype)
+    fn, schedule = make_noise_function("reverse_sde"), NoiseSchedule("ve")
+    increments = {}
+    for name, sig in (("fine", base), ("coarse", base[::2])):
+        plan = plan_er_sde(torch.cat([sig, sig.new_zeros(1)]), schedule, fn, 3)
+        draw = brownian_noise_sampler(x, plan, seed=7)
+        increments[name] = []
+        for (sigma, sigma_next), (tau_s, tau_t) in plan.clocks.items():
+            z = draw(sigma, sigma_next)
+            assert z.dtype == dtype and abs(float(z.double().std()) - 1.0) < 0.035, (name, sigma)
+            increments[name].append(z.double() * math.sqrt(tau_t - tau_s))
+    assert len(increments["fine"]) == 2 * len(increments["coarse"]) == 40
+    for j, coarse in enumerate(increments["coarse"]):
+        composed = increments["fine"][2 * j] + increments["fine"][2 * j + 1]
+        assert float((composed - coarse).abs().max()) < 1e-5 * float(coarse.abs().max()), j
+
+
 def test_brownian_noise_is_one_path_across_step_counts():
     """With one seed, Brownian noise makes runs at N and 2N steps sample the same path, so their
     outputs are far closer than with independent per-step noise; the distribution stays right."""
@@ -396,3 +426,28 @@ def test_brownian_noise_is_one_path_across_step_counts():
     out = sample_er_sde(ExactModel(mix, "ve"), x, karras_sigmas(20, 0.029, 14.6), extra_args={"seed": 3},
                         noise="brownian", disable=True)
     assert gaussian_w2(out, mix.mean, mix.covariance) < 0.03
+
+
+def test_plan_cache_keys_on_every_input_and_still_warns():
+    """The plan cache returns the plan of the same inputs (equal to a fresh one), a new plan when the
+    sigmas, the noise function's strength or an option differ, and the kappa < 1 warning on every run."""
+    from comfyui_fast_samplers.samplers.er_sde import _plan_of, cached_plan, plan_er_sde
+    from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
+
+    _plan_of.cache_clear()
+    model = ExactModel(default_mixture(), "flow")
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigmas = flow_shift_sigmas(10, 3.0)
+    runs = []
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="kappa < 1"):
+            runs.append(sample_er_sde(model, x, sigmas, extra_args={"seed": 1}, noise_fn="sde_4", disable=True))
+    assert _plan_of.cache_info().hits == 1 and torch.equal(*runs)
+    schedule, options = NoiseSchedule("flow"), (3, "corrected", "exact", "exact", "denoise", 1.0, None, False)
+    plan = cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options)
+    assert plan.rows == plan_er_sde(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options).rows
+    assert cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options) is plan
+    others = [cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5000001), *options),
+              cached_plan(sigmas * 0.999, schedule, make_noise_function("sde_5", eta=0.5), *options),
+              cached_plan(sigmas, schedule, make_noise_function("sde_5", eta=0.5), *options[:5], 0.9, None, False)]
+    assert all(other.rows != plan.rows for other in others)

@@ -168,3 +168,21 @@ def test_corrected_final_step_adds_the_corrector_change_of_the_last_state():
     assert float((corrected - denoise).abs().max()) > 1e-4  # the correction is not nothing
     plain = sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", final_step="corrected", disable=True)
     torch.testing.assert_close(plain, sample_er_sde(model, x.clone(), sigmas, noise_fn="ode", disable=True))
+
+
+def test_batched_quadrature_matches_each_step_alone():
+    """Steps of one to seven Gauss-Legendre panels in one evaluation give what each gives alone (the panels
+    a step lacks carry no weight), and match the power-law closed forms."""
+    from comfyui_fast_samplers.samplers.noise_scales import (
+        make_noise_function, quadrature_rows, taylor_coefficients_power,
+    )
+
+    lam_t, lam_s = [0.5, 0.03, 1.0, 2.0], [0.6, 0.9, 2.0, 60.0]  # u = 0.18 .. 3.4
+    for name in ("sde_5", "reverse_sde"):
+        fn = make_noise_function(name)
+        together = quadrature_rows(fn, lam_t, lam_s, 3)
+        for r in range(len(lam_t)):
+            alone = quadrature_rows(fn, [lam_t[r]], [lam_s[r]], 3)[0]
+            np.testing.assert_allclose(together[r], alone, rtol=1e-14, atol=0)
+            if name == "reverse_sde":
+                np.testing.assert_allclose(together[r][:2], taylor_coefficients_power(2.0, lam_t[r], lam_s[r]), rtol=1e-11)
