@@ -52,6 +52,7 @@ MODELS = ("ve-2d", "ve-64d", "flow-2d", "flow-256d", "digits-eps", "digits-flow"
 OUT = REPO / "benchmarks" / "results" / "calibration.md"
 PLOT = REPO / "docs" / "calibration.png"
 PEER_CACHE = REPO / "benchmarks" / ".cache"
+NFES = (5, 8, 10, 20)
 
 
 def build_model(name: str):
@@ -144,6 +145,12 @@ def same_schedule_rows(model, ms, hold, reference, nfes, peers) -> list[dict]:
     return rows
 
 
+def holdout_noise(dim: int, n_hold: int = 500) -> torch.Tensor:
+    """The noises every row is scored on (seed 1; a third of them, at least 100, above 64 dimensions)."""
+    count = n_hold if dim <= 64 else max(100, n_hold // 3)
+    return torch.randn(count, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
 def cached_peer_table(name: str, model, ms, hold, reference, nfes) -> list:
     """``comfy_peers.peer_table``, stored under benchmarks/.cache/ (git-ignored). The key covers ComfyUI's
     version, the harness's source, the model, the NFEs, the hold-out noises and the reference those peers are
@@ -171,9 +178,9 @@ def cached_peer_table(name: str, model, ms, hold, reference, nfes) -> list:
 def run_model(name: str, nfes, n_cal: int, n_hold: int, quick: bool, every_sampler: bool = False) -> dict:
     denoiser, ms, kind, dim, reference_fn = build_model(name)
     model = cp.ComfyModel(denoiser, ms)
-    hold_n = n_hold if dim <= 64 else max(100, n_hold // 3)
     cal = torch.randn(n_cal, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    hold = torch.randn(hold_n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    hold = holdout_noise(dim, n_hold)
+    hold_n = hold.shape[0]
     reference = reference_fn(hold)
     t0 = time.perf_counter()
     peers = cached_peer_table(name, model, ms, hold, reference, nfes)
@@ -313,7 +320,7 @@ def write_plot(results, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 8, 10, 20])
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--noises", type=int, default=256, help="calibration noises")
     parser.add_argument("--holdout", type=int, default=500)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)

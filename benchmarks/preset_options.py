@@ -1,0 +1,123 @@
+"""Which options of the default ODE preset measure best on stock schedules (no calibration).
+
+``fs_er_sde_ode_3_unic`` with each final step (denoise / extrapolate / corrected) on every model, and with
+each flow form (hybrid / lambda / sigma, ``er_sde.FLOW_FORMS``) on the flow models, on every stock ComfyUI
+schedule at NFE 5 / 10 / 20, as a ratio to the best ComfyUI sampler on the same schedule (the peer table of
+``benchmarks/calibration.py``, cached under benchmarks/.cache, computed here where missing). Same models,
+noises and references as ``benchmarks/calibration.py``. Run from the repository root in the ComfyUI venv:
+
+    .venv-comfyui/bin/python benchmarks/preset_options.py     # --models, --nfe
+
+Writes ``benchmarks/results/preset_options.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import calibration as cb  # noqa: E402
+from benchmarks import comfy_peers as cp  # noqa: E402
+from comfyui_fast_samplers.samplers import SAMPLERS  # noqa: E402
+
+OUT = REPO / "benchmarks" / "results" / "preset_options.md"
+SCHEDULES = ("karras", "exponential", "simple", "beta", "kl_optimal", "normal")
+FINALS = ("denoise", "extrapolate", "corrected")
+FORMS = ("hybrid", "lambda", "sigma")
+
+
+def measure(name: str, nfes) -> list[dict]:
+    denoiser, ms, kind, dim, reference_fn = cb.build_model(name)
+    model = cp.ComfyModel(denoiser, ms)
+    hold = cb.holdout_noise(dim)
+    reference = reference_fn(hold)
+    peers = cb.cached_peer_table(name, model, ms, hold, reference, cb.NFES)
+    preset = SAMPLERS[cb.DEFAULT]
+    variants = {f"final_step={f}": {"final_step": f} for f in FINALS}
+    if kind == "flow":
+        variants.update({f"flow_form={f}": {"flow_form": f} for f in FORMS})
+    rows = []
+    for nfe in nfes:
+        for schedule in SCHEDULES:
+            sigmas = cp.schedule(ms, schedule, nfe)
+            same = [r for r in peers if r.target == nfe and r.schedule == schedule and r.nfe == nfe]
+            if sigmas is None or not same:
+                continue
+            best = min(same, key=lambda r: r.error)
+            ref = reference(sigmas)
+            errors = {}
+            for label, options in variants.items():
+                out, _ = cp.run_sampler(preset.func, {**preset.options, **options}, model, hold, sigmas, ms)
+                errors[label] = float((out - ref).flatten(1).norm(dim=1).mean())
+            rows.append(dict(model=name, nfe=nfe, schedule=schedule, peer=best.sampler, peer_error=best.error,
+                             errors=errors))
+    return rows
+
+
+def summary(rows, labels, baseline) -> list[str]:
+    lines = ["| option | geometric mean of the ratio | lower than " + baseline + " | higher |", "|---|---|---|---|"]
+    for label in labels:
+        ratios = [r["errors"][label] / r["peer_error"] for r in rows]
+        lower = sum(r["errors"][label] < r["errors"][baseline] for r in rows)
+        higher = sum(r["errors"][label] > r["errors"][baseline] for r in rows)
+        gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        lines.append(f"| {label} | {gm:.3f} | {lower} | {higher} |")
+    return lines
+
+
+def write_markdown(rows, wall: float) -> str:
+    preset = SAMPLERS[cb.DEFAULT]
+    lines = ["# Options of the default ODE preset on stock schedules", "",
+             f"Written by `benchmarks/preset_options.py` on {dt.date.today()}: ComfyUI {cp.import_comfy().version}, "
+             f"torch {torch.__version__}; wall time {wall:.0f} s.", "",
+             f"`{cb.DEFAULT}` ({preset.options}) uncalibrated, each option changed alone, on the stock ComfyUI "
+             "schedules; every cell is the error (mean L2 distance to the reference, the hold-out noises of "
+             "`benchmarks/calibration.py`) divided by the best ComfyUI sampler's on the same schedule at the "
+             "same counted NFE (< 1: the pack is ahead).", ""]
+    finals = [f"final_step={f}" for f in FINALS]
+    lines += ["## Final step (every model)", ""] + summary(rows, finals, "final_step=denoise") + [""]
+    flow_rows = [r for r in rows if "flow_form=hybrid" in r["errors"]]
+    forms = [f"flow_form={f}" for f in FORMS]
+    if flow_rows:
+        lines += ["## Flow form (flow models)", ""] + summary(flow_rows, forms, "flow_form=lambda") + [""]
+    labels = list(dict.fromkeys(k for r in rows for k in r["errors"]))
+    lines += ["## Every cell", "", "| model | NFE | schedule | best ComfyUI there | its error | " +
+              " | ".join(labels) + " |", "|---|---|---|---|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = [f"{r['errors'][k] / r['peer_error']:.2f}" if k in r["errors"] else "" for k in labels]
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['schedule']} | {r['peer']} | {r['peer_error']:.4g} | " +
+                     " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(cb.MODELS), choices=cb.MODELS)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows += measure(name, args.nfe)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    text = write_markdown(rows, time.perf_counter() - t0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
