@@ -164,6 +164,7 @@ def plan_er_sde(
             steps.append(None)
             continue
         evaluated.insert(0, i)
+        del evaluated[order:]  # only the newest `order` evaluations enter a step
         at_top = any(not math.isfinite(own_form[2][j]) for j in evaluated[:order])
         form = sigma_form if flow_form == "sigma" or (flow_form == "hybrid" and at_top) else own_form
         lam = form[2]
