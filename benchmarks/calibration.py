@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import comfy_peers as cp  # noqa: E402
 from comfyui_fast_samplers.samplers import SAMPLERS, calibrate_schedule  # noqa: E402
 from comfyui_fast_samplers.samplers.calibration.pipeline import TEACHER, model_sigma_range  # noqa: E402
+from comfyui_fast_samplers.samplers.files import atomic_write_text  # noqa: E402
 from comfyui_fast_samplers.samplers.calibration.search import SigmaRange, candidate_grid, fine_grid  # noqa: E402
 from comfyui_fast_samplers.samplers.testbed import ExactModel  # noqa: E402
 from comfyui_fast_samplers.testbeds.digits import load_digits_model  # noqa: E402
@@ -168,10 +169,7 @@ def cached_peer_table(name: str, model, ms, hold, reference, nfes) -> list:
     if path.is_file():
         return [cp.Row(**row) for row in json.loads(path.read_text())]
     peers = cp.peer_table(model, ms, hold, reference, nfes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([dataclasses.asdict(r) for r in peers]))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps([dataclasses.asdict(r) for r in peers]))
     return peers
 
 
@@ -338,10 +336,7 @@ def main(argv=None):
         print(f"{name}: {results[-1]['seconds']:.0f} s (peers {results[-1]['peer_seconds']:.0f} s)", flush=True)
     drift = float32_drift()
     text = write_markdown(results, args, time.perf_counter() - t0, drift)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic_write_text(args.out, text)
     write_plot(results, args.plot)
     print(text)
     return 0 if all(math.isfinite(r["error"]) for res in results for r in res["calibrated"]) else 1

@@ -30,6 +30,7 @@ import torch
 from comfy_peers import TESTBED_MODELS, ComfyModel, import_comfy, model_sampling, schedule, start_state
 
 from comfyui_fast_samplers.samplers.ddim_gmm import make_directions, mixture_noise, plan_ddim_gmm, sample_ddim_gmm
+from comfyui_fast_samplers.samplers.files import atomic_write_text
 from comfyui_fast_samplers.samplers.presets import PRESET_OPTIONS
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
 from comfyui_fast_samplers.samplers.testbed import (
@@ -246,10 +247,7 @@ def main(argv=None):
         lines.append("")
         lines.append("ComfyUI euler per step: " + ", ".join(f"{1e3 * c['ComfyUI euler']:.3f} ms" for c in costs) + ".")
     lines += ["", f"Total run time {time.perf_counter() - t0:.0f} s."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import calibration as cb  # noqa: E402
 from benchmarks import comfy_peers as cp  # noqa: E402
 from comfyui_fast_samplers.samplers import SAMPLERS  # noqa: E402
+from comfyui_fast_samplers.samplers.files import atomic_write_text  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "preset_options.md"
 SCHEDULES = ("karras", "exponential", "simple", "beta", "kl_optimal", "normal")
@@ -111,10 +112,7 @@ def main(argv=None):
         rows += measure(name, args.nfe)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     text = write_markdown(rows, time.perf_counter() - t0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic_write_text(args.out, text)
     print(text)
     return 0
 

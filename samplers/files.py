@@ -1,4 +1,5 @@
-"""Every file the pack writes goes through here: safetensors, atomic, never over a user's file."""
+"""Every file the pack writes goes through here, atomically and never over a user's file: safetensors for tensors, text for
+the benchmarks' results and caches."""
 from __future__ import annotations
 
 import os
@@ -33,6 +34,22 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: di
                 if path.exists():
                     raise FileExistsError(f"{path} appeared while writing; it was left untouched.") from None
                 os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Replace the text file ``path`` (the pack's own results and caches) by way of a temp file in its folder:
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -34,3 +34,22 @@ def test_a_file_that_appears_while_writing_is_kept(tmp_path, monkeypatch, link_e
     with pytest.raises(FileExistsError, match="appeared while writing; it was left untouched"):
         atomic_save_safetensors({"x": torch.zeros(2)}, path)
     assert path.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["b.safetensors"]
+
+
+def test_text_writer_replaces_whole_files_and_leaves_no_temp_on_failure(tmp_path, monkeypatch):
+    import os
+
+    from comfyui_fast_samplers.samplers.files import atomic_write_text
+
+    path = tmp_path / "sub" / "results.md"
+    atomic_write_text(path, "old\n")
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in path.parent.iterdir()) == ["results.md"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "half\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in path.parent.iterdir()) == ["results.md"]
