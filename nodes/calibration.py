@@ -107,6 +107,12 @@ class ScheduleCalibrator(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (used with cfg > 1)."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Guidance scale to calibrate under (the one you will sample with)."),
+                io.Boolean.Input("tune_steps", default=True, optional=True, display_name="tune steps",
+                                 tooltip="The pack's ODE samplers only: also fit, for this schedule, where the model "
+                                         "is asked at each step and how much of the last change of its output is "
+                                         "extrapolated (two numbers a step; kept only where they lower the error "
+                                         "on the fresh noises). They travel in the SAMPLER output: use it with "
+                                         "these SIGMAS."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
                                  tooltip="Store the result in the user folder (fs_calibration_cache): the same "
                                          "inputs again give it back without model calls."),
@@ -114,8 +120,8 @@ class ScheduleCalibrator(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             outputs=[io.Sigmas.Output(tooltip="The calibrated schedule for SamplerCustom(Advanced)."),
                      io.Sampler.Output(display_name="sampler", tooltip="The sampler to use with it: your input, with "
-                                                                       "the final-step variant the calibration chose "
-                                                                       "for the pack's samplers."),
+                                                                       "the final step and step tuning the "
+                                                                       "calibration chose for the pack's samplers."),
                      io.String.Output(display_name="report", tooltip="Errors of the calibrated and stock schedules "
                                                                      "against the teacher, model calls, warnings.")],
             is_output_node=True,
@@ -123,7 +129,7 @@ class ScheduleCalibrator(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, sampler, latent, steps, noises, calibration_seed, teacher_accuracy, candidates,
-                positive, negative=None, cfg=1.0, use_cache=True) -> io.NodeOutput:
+                positive, negative=None, cfg=1.0, tune_steps=True, use_cache=True) -> io.NodeOutput:
         import os
 
         import torch
@@ -149,7 +155,7 @@ class ScheduleCalibrator(io.ComfyNode):
         negative = negative if negative is not None else positive
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(100)
-        stages = {"teacher": (0, 30), "search": (30, 45), "refine": (45, 90)}
+        stages = {"teacher": (0, 25), "search": (25, 35), "refine": (35, 70), "tune": (70, 90)}
 
         def progress(stage, done, total):
             lo, hi = stages.get(stage, (90, 100))
@@ -170,7 +176,8 @@ class ScheduleCalibrator(io.ComfyNode):
             result["out"] = calibrate_schedule(
                 k_model, noise.to(x.device, x.dtype), steps, fn, extra_args=extra, candidates=candidates,
                 teacher_substeps=TEACHER_ACCURACY[teacher_accuracy], seed=int(calibration_seed), stock=stock,
-                max_rows=noises, progress=progress, cache_dir=cache_dir, model_key=key, who=WHO)
+                max_rows=noises, tune_steps=bool(tune_steps), progress=progress, cache_dir=cache_dir, model_key=key,
+                who=WHO)
             return x
 
         zeros = torch.zeros((noises, *shape), dtype=samples.dtype)

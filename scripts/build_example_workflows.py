@@ -216,7 +216,7 @@ def calibrated_sd15() -> dict:
         "6": {"class_type": "FS_ScheduleCalibrator", "inputs": {
             "model": ["1", 0], "sampler": ["5", 0], "latent": ["4", 0], "steps": 8, "noises": 16,
             "calibration_seed": 0, "teacher_accuracy": "standard", "candidates": 40, "positive": ["2", 0],
-            "negative": ["3", 0], "cfg": 7.0, "use_cache": True}},
+            "negative": ["3", 0], "cfg": 7.0, "tune_steps": True, "use_cache": True}},
         "8": {"class_type": "SamplerCustom", "inputs": {
             "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 7.0, "positive": ["2", 0],
             "negative": ["3", 0], "sampler": ["6", 1], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
@@ -237,7 +237,7 @@ def calibrated_flow() -> dict:
         "6": {"class_type": "FS_ScheduleCalibrator", "inputs": {
             "model": ["7", 0], "sampler": ["5", 0], "latent": ["4", 0], "steps": 8, "noises": 8,
             "calibration_seed": 0, "teacher_accuracy": "standard", "candidates": 40, "positive": ["2", 0],
-            "negative": ["3", 0], "cfg": 4.5, "use_cache": True}},
+            "negative": ["3", 0], "cfg": 4.5, "tune_steps": True, "use_cache": True}},
         "8": {"class_type": "SamplerCustom", "inputs": {
             "model": ["7", 0], "add_noise": True, "noise_seed": 42, "cfg": 4.5, "positive": ["2", 0],
             "negative": ["3", 0], "sampler": ["6", 1], "sigmas": ["6", 0], "latent_image": ["4", 0]}},

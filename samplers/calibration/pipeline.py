@@ -22,7 +22,8 @@ from ..presets import SAMPLERS
 from ..schedule import NoiseSchedule, resolve_schedule
 from .report import VERSION, CalibrationReport, load_cached, save_cached
 from .search import (
-    SigmaRange, Stepper, candidate_grid, fine_grid, mean_error, refine, solver_aware_dp, teacher_solve,
+    SigmaRange, Stepper, candidate_grid, fine_grid, fit_step_tuning, mean_error, refine, solver_aware_dp,
+    teacher_solve,
 )
 
 PACK_FUNCTIONS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
@@ -90,7 +91,7 @@ def default_variants(fn, options: dict, flow: bool) -> list[dict]:
     sampler's own (denoise, Taylor extrapolation and, with the corrector, the corrected clean prediction) and,
     on flow models, the other flow form of hybrid / sigma (``er_sde.FLOW_FORMS``) with each. None for other
     samplers."""
-    if fn is not sample_er_sde or options.get("noise_fn", "sde_5") != "ode":
+    if not tunable(fn, options):
         return []
     own = options.get("final_step", "denoise")
     finals = [{}] + [{"final_step": f} for f in ("denoise", "extrapolate", "corrected")
@@ -99,6 +100,11 @@ def default_variants(fn, options: dict, flow: bool) -> list[dict]:
     forms = [{}] + ([{"flow_form": f} for f in ("hybrid", "sigma") if f != own_form]
                     if flow and options.get("parametrization") is None else [])
     return [{**form, **final} for form in forms for final in finals if form or final]
+
+
+def tunable(fn, options: dict) -> bool:
+    """Whether ``step_tuning`` applies: the pack's ER samplers in their ODE form."""
+    return fn is sample_er_sde and options.get("noise_fn", "sde_5") == "ode"
 
 
 def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=None) -> SigmaRange:
@@ -175,8 +181,8 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
                        sigma_max: float | None = None, candidates: int = 64, teacher_substeps: int = 4,
                        holdout: int | torch.Tensor | None = None, seed: int = 0, refine_trials: int | None = None,
                        min_gap: float = 0.05, stock: dict | None = None, variants: list | None = None,
-                       max_rows: int = 1 << 16, progress=None, cache_dir=None, model_key: str | None = None,
-                       who: str = "Schedule calibrator"):
+                       tune_steps: bool = True, tune_trials: int | None = None, max_rows: int = 1 << 16,
+                       progress=None, cache_dir=None, model_key: str | None = None, who: str = "Schedule calibrator"):
     """(SIGMAS float32 [steps + 1], CalibrationReport) for ``sampler`` on ``model`` (module docstring).
 
     ``noise``: unit Gaussian noise [N, *latent_shape] (the calibration batch); ``sampler``: a name of the
@@ -186,6 +192,9 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
     uniform). ``variants``: option dicts for a pack sampler to try (default ``default_variants``: the final
     steps and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``.
+    ``tune_steps`` (the pack's ODE samplers): then fit per-step query shifts and output extrapolations for
+    the schedule (``step_tuning``; ``tune_trials`` runs, default 4 x candidates), kept in ``sampler_options``
+    only where they lower the error (on the hold-out noises when there are any).
     ``progress(stage, done, total)`` may raise to stop (nothing is written then). ``cache_dir`` +
     ``model_key`` (a string naming the model, conditioning and cfg): results are stored there, and the same
     call again returns them without a model call."""
@@ -205,7 +214,7 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
         key = cache_key(VERSION, model_key, noise, holdout if isinstance(holdout, torch.Tensor) else str(holdout),
                         steps, label, sorted(options.items()), rng.schedule.parametrization, rng.sigma_min,
                         rng.sigma_max, candidates, teacher_substeps, seed, refine_trials, min_gap,
-                        repr(variants), *[part for name in sorted(stock or {}) for part in (name, stock[name])])
+                        repr(variants), tune_steps, tune_trials, *[part for name in sorted(stock or {}) for part in (name, stock[name])])
         hit = load_cached(cache_dir, key)
         if hit is not None:
             return hit
@@ -303,6 +312,17 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     check_sigmas(sigmas, steps, who)
     end("refine")
 
+    untuned = None
+    if tune_steps and tunable(fn, options):
+        stage("tune")
+        tuning, tuned_error, _ = fit_step_tuning(
+            lambda t: score({**chosen, "step_tuning": t}, x_cal, sigmas, final), rng, sigmas,
+            tune_trials if tune_trials is not None else 4 * candidates,
+            progress=lambda d, t: report_progress("tune", d, t))
+        end("tune")
+        if tuned_error < cal_error:
+            untuned, chosen, cal_error = chosen, {**chosen, "step_tuning": tuning.as_option()}, tuned_error
+
     holdout_error, stock_errors, warns = None, {name: (err, None) for name, err in stock_cal.items()}, []
     if holdout is None:
         holdout = noise.shape[0]
@@ -314,6 +334,13 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
         x_hold = start_state(model, x_hold, rng)
         _, final_hold = teacher(x_hold)
         holdout_error = score(chosen, x_hold, sigmas, final_hold)
+        if untuned is not None:  # the step tuning stays only if it also helps on fresh noises
+            untuned_error = score(untuned, x_hold, sigmas, final_hold)
+            if untuned_error <= holdout_error:
+                warns.append(f"the step tuning did not help on the hold-out noises ({holdout_error:.4g} vs "
+                             f"{untuned_error:.4g} without): left out")
+                chosen, holdout_error = untuned, untuned_error
+                cal_error = score(chosen, x_cal, sigmas, final)
         for name, s in stock.items():
             stock_errors[name] = (stock_cal[name], score(options, x_hold, s, final_hold))
         end("hold-out")

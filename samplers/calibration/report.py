@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = "1"
+VERSION = "2"  # 2: sampler_options may hold step_tuning
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 
 from ..multistep import StepRow, apply_row
 from ..schedule import NoiseSchedule
+from ..step_tuning import MAX_EXTRAPOLATION, StepTuning, query_shift_bounds
 
 FLOW_TOP = 0.9997  # largest interior flow sigma without a table (shift 3's table tops out at 0.99967)
 
@@ -214,3 +215,48 @@ def _snapped(z: list[float], rng: SigmaRange) -> list[float]:
     if rng.table is None:
         return z
     return rng.z(rng.sigma(torch.tensor(z, dtype=torch.float64))).tolist()
+
+
+def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], budget_trials: int,
+               delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
+    """Coordinate descent like ``refine`` for independent parameters in boxes ``bounds`` (low, high): +-delta
+    moves clipped to the box, delta halved when no move helps. Returns (x, objective(x), trials)."""
+    best_x, best = list(x0), objective(x0)
+    trials = 1
+    while delta >= min_delta and trials < budget_trials:
+        improved = False
+        for k, (low, high) in enumerate(bounds):
+            for sign in (1.0, -1.0):
+                if trials >= budget_trials:
+                    break
+                trial = list(best_x)
+                trial[k] = min(high, max(low, trial[k] + sign * delta))
+                if trial[k] == best_x[k]:
+                    continue
+                value = objective(trial)
+                trials += 1
+                if value < best:
+                    best_x, best, improved = trial, value, True
+                    break
+        if progress is not None:
+            progress(trials, budget_trials)
+        if not improved:
+            delta /= 2
+    return best_x, best, trials
+
+
+def fit_step_tuning(objective, rng: SigmaRange, sigmas: torch.Tensor, budget_trials: int,
+                    progress=None) -> tuple[StepTuning, float, int]:
+    """Per-step query shifts and output extrapolations (``step_tuning``) for the schedule ``sigmas``, by
+    ``refine_box`` from zero: ``objective(StepTuning) -> error``. Returns (tuning, its error, trials)."""
+    calls = len(sigmas) - 1
+    z = rng.z(sigmas[:-1].to(torch.float64)).tolist()
+    bounds = (query_shift_bounds(z, float(rng.z(rng.top)))
+              + [(0.0, 0.0)] + [(-MAX_EXTRAPOLATION, MAX_EXTRAPOLATION)] * (calls - 1))
+
+    def tuning_of(values):
+        return StepTuning(tuple(values[:calls]), tuple(values[calls:]))
+
+    values, error, trials = refine_box(lambda v: objective(tuning_of(v)), [0.0] * (2 * calls), bounds,
+                                       budget_trials, progress=progress)
+    return tuning_of(values), error, trials
