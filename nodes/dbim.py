@@ -171,7 +171,7 @@ class BridgeSampler(io.ComfyNode):
             eps = latent_noise(latent["noise"], run.x_T, "the latent")
         try:
             out = sample_bridge(sampler, run.denoiser, run.x_T, bridge_model.preset.schedule, nfe, eta=eta,
-                                order=order, churn_step_ratio=churn_step_ratio, spacing=grid, noise=eps,
+                                order=order, churn_step_ratio=churn_step_ratio, spacing=grid, booting_noise=eps,
                                 noise_sampler=noise_sampler, mask=run.mask,
                                 callback=_callback(bridge_nfe(sampler, nfe, churn_step_ratio)), disable=True)
         except ValueError as err:  # an option out of range (ComfyUI 0.3.64 does not check V3 combos or ranges)

@@ -14,6 +14,7 @@ denoiser is called), ``ddbm.py`` (DDBM Heun), ``bridge_checkpoints.py`` (presets
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +126,7 @@ def _run_plan(denoiser, x, x_T, plan, noise_sampler, callback, first_index, disa
                     order=step.order) for step in plan]
     shifted = None if callback is None else (lambda d: callback({**d, "i": d["i"] + first_index}))
     return run_rows(None, x, rows, callback=shifted, disable=disable, constant=x_T,
-                    noise_sampler=None if noise_sampler is None else (lambda sigma, sigma_next: noise_sampler()),
+                    noise_sampler=noise_sampler,
                     call=lambda x_t, row: denoiser(x_t, bridge_times(x_t, row.sigma), x_T))
 
 
@@ -141,22 +142,25 @@ def _grid(schedule, steps, ts, spacing):
 
 @torch.no_grad()
 def sample_dbim(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, steps: int | None = None, *,
-                eta: float = 0.0, order: int = 1, spacing: str = "uniform_t", ts=None, noise=None,
+                eta: float = 0.0, order: int = 1, spacing: str = "uniform_t", ts=None, booting_noise=None,
                 noise_sampler=None, seed: int = 0, mask=None, lower_order_final: bool = True,
-                callback=None, disable=None) -> torch.Tensor:
+                callback=None, disable=None, noise=None) -> torch.Tensor:
     """DBIM from the condition x_T: NFE = steps + 1 (one call at T, then one per step).
 
-    ``noise``: the booting noise (the latent of eta = 0 sampling); drawn from ``noise_sampler``
-    when None (default: per-row generators seeded seed + i; the booting noise is their first draw,
-    eta noise the following draws). ``mask`` [B,1,H,W] (1 = regenerate) for inpainting models.
-    ``order`` 2, 3: high-order DBIM (eta must be 0). Returns x at t_min (not clamped)."""
+    ``booting_noise``: the latent of eta = 0 sampling (``noise`` is its deprecated name); drawn from
+    ``noise_sampler(t, t_next)`` (ComfyUI's convention) when None (default: per-row generators seeded
+    seed + i; the booting noise is their first draw, eta noise the following draws). The seed is an
+    argument here: the bridge samplers have no extra_args. ``mask`` [B,1,H,W] (1 = regenerate) for
+    inpainting models. ``order`` 2, 3: high-order DBIM (eta must be 0). Returns x at t_min (not clamped)."""
     check_finite(x_T, "DBIM")
+    booting_noise = _renamed(booting_noise, noise)
     ts = _grid(schedule, steps, ts, spacing)
     plan = plan_dbim(schedule, ts, eta, order, lower_order_final)
     denoiser = masked(denoiser, mask)
     if noise_sampler is None:
         noise_sampler = row_seeded_noise(seed, x_T)
-    eps = noise_sampler() if noise is None else noise.to(x_T.device, x_T.dtype)
+    eps = noise_sampler(schedule.t_max, float(ts[0])) if booting_noise is None else \
+        booting_noise.to(x_T.device, x_T.dtype)
     a, b, c = (float(v) for v in schedule.abc(ts[:1]))
     x0 = denoiser(x_T, bridge_times(x_T, schedule.t_max), x_T)
     report(callback, 0, x_T, schedule.t_max, x0)
@@ -185,8 +189,16 @@ def interpolate_dbim(denoiser, x_T: torch.Tensor, eps_a: torch.Tensor, eps_b: to
                      schedule: BridgeSchedule, steps: int, frames: int, **options) -> list[torch.Tensor]:
     """eta = 0 decodes of slerp(eps_a, eps_b; i / (frames - 1)), i = 0..frames-1."""
     weights = [0.0] if frames == 1 else [i / (frames - 1) for i in range(frames)]
-    return [sample_dbim(denoiser, x_T, schedule, steps, noise=slerp(eps_a, eps_b, w), eta=0.0, **options)
+    return [sample_dbim(denoiser, x_T, schedule, steps, booting_noise=slerp(eps_a, eps_b, w), eta=0.0, **options)
             for w in weights]
+
+
+def _renamed(booting_noise, noise):
+    if noise is not None:
+        if booting_noise is not None:
+            raise ValueError("DBIM: pass booting_noise only (noise is its deprecated name).")
+        warnings.warn("DBIM: 'noise' is now 'booting_noise'.", DeprecationWarning, stacklevel=3)
+    return booting_noise if noise is None else noise
 
 
 def bridge_nfe(sampler: str, nfe: int, churn_step_ratio: float = 0.33) -> int:
@@ -196,10 +208,12 @@ def bridge_nfe(sampler: str, nfe: int, churn_step_ratio: float = 0.33) -> int:
 
 def sample_bridge(sampler: str, denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, nfe: int, *,
                   eta: float = 0.0, order: int = 1, churn_step_ratio: float = 0.33, spacing: str = "uniform_t",
-                  noise=None, noise_sampler=None, mask=None, callback=None, disable=None) -> torch.Tensor:
+                  booting_noise=None, noise_sampler=None, mask=None, callback=None, disable=None,
+                  noise=None) -> torch.Tensor:
     """The Bridge Sampler's choice at ``nfe`` model calls: ``dbim`` (order 1, ``eta``), ``dbim_high_order``
-    (``order`` 2 or 3, eta 0) or ``ddbm_heun`` (``churn_step_ratio``; ``noise`` unused). Every option is
-    checked here or in the sampler it picks."""
+    (``order`` 2 or 3, eta 0) or ``ddbm_heun`` (``churn_step_ratio``; ``booting_noise`` unused). Every option
+    is checked here or in the sampler it picks (``noise``: the deprecated name of ``booting_noise``)."""
+    booting_noise = _renamed(booting_noise, noise)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
     if sampler == "ddbm_heun":
@@ -209,7 +223,8 @@ def sample_bridge(sampler: str, denoiser, x_T: torch.Tensor, schedule: BridgeSch
     if sampler == "dbim_high_order" and order not in (2, 3):
         raise ValueError(f"high-order DBIM needs order 2 or 3, got {order}.")
     return sample_dbim(denoiser, x_T, schedule, dbim_steps_for_nfe(nfe), spacing=spacing,
-                       eta=eta if sampler == "dbim" else 0.0, order=order if sampler != "dbim" else 1, noise=noise,
+                       eta=eta if sampler == "dbim" else 0.0, order=order if sampler != "dbim" else 1,
+                       booting_noise=booting_noise,
                        noise_sampler=noise_sampler, mask=mask, callback=callback, disable=disable)
 
 

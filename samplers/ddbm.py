@@ -61,7 +61,7 @@ def sample_ddbm_heun(denoiser, x_T: torch.Tensor, schedule: BridgeSchedule, step
             call += 1
             dt = (t_hat - t) * scale
             u = u + (sde[0][i] * u + sde[1][i] * x_T + sde[2][i] * x0) * dt \
-                + (math.sqrt(abs(dt) * sde[3][i]) * noise_sampler())
+                + (math.sqrt(abs(dt) * sde[3][i]) * noise_sampler(t, t_hat))
         x = x_T + u
         x0 = denoiser(x, bridge_times(x, t_hat), x_T)
         report(callback, call, x, t_hat, x0)

@@ -169,7 +169,7 @@ def _linear_denoiser(calls):
 
 def _noise():
     gen = torch.Generator().manual_seed(3)
-    return lambda: torch.randn(4, 2, dtype=F64, generator=gen)
+    return lambda sigma, sigma_next: torch.randn(4, 2, dtype=F64, generator=gen)
 
 
 @pytest.mark.parametrize("sampler,options,reference", [

@@ -33,9 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _fixed_noise(like, seed=0):
     """One fixed CPU stream per call site (the thresholds below were measured on it): each call draws
-    the next standard normal shaped like ``like``."""
+    the next standard normal shaped like ``like``; ComfyUI's (sigma, sigma_next) convention."""
     generator = torch.Generator().manual_seed(seed)
-    return lambda: torch.randn(like.shape, dtype=like.dtype, generator=generator)
+    return lambda sigma, sigma_next: torch.randn(like.shape, dtype=like.dtype, generator=generator)
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +254,17 @@ def test_determinism_and_row_independence(joint, options):
     assert not torch.equal(run(x_T, 8)[0], full[0])
     # the same booting noise reproduces eta = 0 / high-order samples exactly
     eps = row_seeded_noise(7, x_T)()
-    same = sample_dbim(model, x_T, s, 12, noise=eps, noise_sampler=row_seeded_noise(7, x_T), disable=True, **options)
+    with pytest.warns(DeprecationWarning, match="booting_noise"):  # the old name still works
+        same = sample_dbim(model, x_T, s, 12, noise=eps, noise_sampler=row_seeded_noise(7, x_T), disable=True,
+                           **options)
     if options.get("eta", 0.0) == 0.0:
         assert torch.equal(same, full)
+    with pytest.raises(ValueError, match="booting_noise only"):
+        sample_dbim(model, x_T, s, 12, noise=eps, booting_noise=eps, disable=True, **options)
+    # a noise sampler in ComfyUI's convention (two required arguments) is called as such, booting noise included
+    rows = row_seeded_noise(7, x_T)
+    assert torch.equal(sample_dbim(model, x_T, s, 12, noise_sampler=lambda sigma, sigma_next: rows(), disable=True,
+                                   **options), full)
 
 
 def test_no_host_device_sync_inside_the_loop(joint):
@@ -419,7 +427,7 @@ def _ddbm_heun_reference(model, x_T, s, steps, churn, draw):
         t_hat = t + churn * (t_next - t)
         if churn > 0:
             d, g2 = drift(x, t, 1.0)
-            x = x + d * (t_hat - t) + (abs(t_hat - t) * g2) ** 0.5 * draw()
+            x = x + d * (t_hat - t) + (abs(t_hat - t) * g2) ** 0.5 * draw(t, t_hat)
         d, _ = drift(x, t_hat, 0.5)
         if t_next == 0:
             x = x + d * (t_next - t_hat)
@@ -445,7 +453,7 @@ def test_ddbm_heun_matches_the_reference_in_float32(joint, kind, churn):
     torch.testing.assert_close(out64, ref, rtol=0, atol=1e-10)
     noise32 = _fixed_noise(x_T, 5)
     out32 = sample_ddbm_heun(model, x_T.float(), s, 12, churn_step_ratio=churn,
-                             noise_sampler=lambda: noise32().float(), disable=True)
+                             noise_sampler=lambda t, t_next: noise32(t, t_next).float(), disable=True)
     assert out32.dtype == torch.float32
     assert float((out32.double() - ref).abs().max()) < 4e-6
 
@@ -518,14 +526,14 @@ def test_encode_decode_error_shrinks(joint):
     errors, stds = [], []
     for n in (10, 50, 200):
         eps = encode_dbim(model, x0, x_T, s, n - 1, disable=True)
-        rec = sample_dbim(model, x_T, s, n - 1, noise=eps, disable=True)
+        rec = sample_dbim(model, x_T, s, n - 1, booting_noise=eps, disable=True)
         errors.append(float((rec - x0).abs().mean()))
         stds.append(float(eps.std()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
     assert 0.85 < stds[-1] < 1.15, stds
     # order 2 inversion and decode are more accurate than order 1 at the same NFE
     eps2 = encode_dbim(model, x0, x_T, s, 49, order=2, disable=True)
-    rec2 = sample_dbim(model, x_T, s, 49, noise=eps2, order=2, disable=True)
+    rec2 = sample_dbim(model, x_T, s, 49, booting_noise=eps2, order=2, disable=True)
     assert float((rec2 - x0).abs().mean()) < errors[1]
 
 
@@ -536,8 +544,8 @@ def test_slerp_and_interpolation_endpoints(joint):
     eps_a, eps_b = row_seeded_noise(1, x_T)(), row_seeded_noise(2, x_T)()
     frames = interpolate_dbim(model, x_T, eps_a, eps_b, s, 9, frames=5)
     assert len(frames) == 5
-    assert torch.equal(frames[0], sample_dbim(model, x_T, s, 9, noise=eps_a))
-    assert torch.equal(frames[-1], sample_dbim(model, x_T, s, 9, noise=eps_b))
+    assert torch.equal(frames[0], sample_dbim(model, x_T, s, 9, booting_noise=eps_a))
+    assert torch.equal(frames[-1], sample_dbim(model, x_T, s, 9, booting_noise=eps_b))
     mid = slerp(eps_a, eps_b, 0.5)
     assert mid.norm(dim=1).tolist() == pytest.approx(((eps_a.norm(dim=1) + eps_b.norm(dim=1)) / 2).tolist(), rel=0.1)
     torch.testing.assert_close(slerp(eps_a, eps_a, 0.3), eps_a)
