@@ -18,7 +18,7 @@ from .samplers import (
 )
 from .samplers.er_sde import PRESETS as ER_SDE_PRESETS
 from .samplers.schedule import flow_shift_sigmas, karras_sigmas
-from .samplers.testbed import (
+from .testbeds.mixtures import (
     ExactModel, default_mixture, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
 )
 

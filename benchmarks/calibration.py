@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import comfy_peers as cp  # noqa: E402
-from comfyui_fast_samplers.samplers import SAMPLERS, calibrate_schedule  # noqa: E402
+from comfyui_fast_samplers.samplers import SAMPLERS, calibrate_schedule, sample_tuned  # noqa: E402
 from comfyui_fast_samplers.samplers.calibration.pipeline import TEACHER, model_sigma_range  # noqa: E402
 from comfyui_fast_samplers.samplers.files import atomic_write_text  # noqa: E402
 from comfyui_fast_samplers.samplers.calibration.search import SigmaRange, candidate_grid, fine_grid  # noqa: E402
-from comfyui_fast_samplers.samplers.testbed import ExactModel  # noqa: E402
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel  # noqa: E402
 from comfyui_fast_samplers.testbeds.digits import load_digits_model  # noqa: E402
 
 DEFAULT = "fs_er_sde_ode_3_unic"  # the pack's default ODE preset
@@ -118,8 +118,10 @@ def calibrated_rows(model, ms, cal, hold, reference, nfes, names, **options) -> 
             with default_dtype(torch.float64):
                 sigmas, report = calibrate_schedule(model, cal, nfe, fn, holdout=0, **options)
             this_fn, this_options = run_fn, run_options
-            if report.sampler_options:  # a pack preset with the final step the calibration chose
+            if name in SAMPLERS:  # a pack preset with the options the calibration chose
                 this_fn, this_options = SAMPLERS[name].func, {**SAMPLERS[name].options, **report.sampler_options}
+            if "step_tuning" in report.sampler_options:  # what the node's SAMPLER output runs
+                this_fn, this_options = sample_tuned, {"sampler": this_fn, **this_options}
             out, counted = cp.run_sampler(this_fn, this_options, model, hold, sigmas, ms)
             error = float((out - reference(sigmas)).flatten(1).norm(dim=1).mean())
             rows.append(dict(sampler=name, nfe=nfe, counted=counted, error=error, cal=report.calibration_error,

@@ -52,7 +52,7 @@ import torch
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde
 from comfyui_fast_samplers.samplers.er_sde import PRESETS as ER_SDE_PRESETS
-from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture, random_mixture, solve_pf_ode
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, random_mixture, solve_pf_ode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "comfy_peers_baseline.md"

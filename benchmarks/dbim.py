@@ -14,14 +14,14 @@ import torch
 
 from comfyui_fast_samplers.samplers.adm_unet import ADM_CONFIGS, ADMUNet, build_adm_unet
 from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
-from comfyui_fast_samplers.samplers.bridge_testbed import (
+from comfyui_fast_samplers.testbeds.bridges import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, toy_pairs, train_toy_bridge,
 )
 from comfyui_fast_samplers.samplers.common import seeded_noise_sampler
 from comfyui_fast_samplers.samplers.dbim import (
     BRIDGE_PRESETS, METADATA_KEY, BridgeDenoiser, detect_preset, load_bridge_checkpoint, sample_dbim, sample_ddbm_heun,
 )
-from comfyui_fast_samplers.samplers.testbed import exact_w2
+from comfyui_fast_samplers.testbeds.mixtures import exact_w2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -176,7 +176,7 @@ def write_toy_asset(path: Path, steps: int = 1500):
     from safetensors.torch import save_file
 
     net = train_toy_bridge(steps)
-    training = (f"comfyui_fast_samplers.samplers.bridge_testbed.train_toy_bridge(steps={steps}, batch=32, lr=1e-3, "
+    training = (f"comfyui_fast_samplers.testbeds.bridges.train_toy_bridge(steps={steps}, batch=32, lr=1e-3, "
                 f"seed=0) on the CPU (torch {torch.__version__}), EMA weights stored as float16")
     save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(path),
               metadata={METADATA_KEY: BRIDGE_PRESETS["toy_shapes16"].to_json(), "training": training})

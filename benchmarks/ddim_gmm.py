@@ -33,7 +33,7 @@ from comfyui_fast_samplers.samplers.ddim_gmm import make_directions, mixture_noi
 from comfyui_fast_samplers.samplers.files import atomic_write_text
 from comfyui_fast_samplers.samplers.presets import PRESET_OPTIONS
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, chi2_rms_radius, mode_weight_error, off_mode_rate, sliced_w2,
 )
 

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from comfyui_fast_samplers.samplers.ddim_gmm import sample_ddim_gmm  # noqa: E402
 from comfyui_fast_samplers.samplers.dp_schedule import optimize_schedule  # noqa: E402
 from comfyui_fast_samplers.samplers.schedule import discrete_vp_sigmas, karras_sigmas  # noqa: E402
-from comfyui_fast_samplers.samplers.testbed import ExactModel, random_mixture, sliced_w2  # noqa: E402
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, random_mixture, sliced_w2  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MIX = random_mixture(16, 4, seed=0, spread=0.5, std=0.05)  # the specs' 4-mode toy in d = 16

@@ -26,7 +26,7 @@ from comfyui_fast_samplers.samplers.er_sde import PRESETS, sample_er_sde
 from comfyui_fast_samplers.samplers.schedule import (
     NoiseSchedule, discrete_vp_sigmas, flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
 )
-from comfyui_fast_samplers.samplers.testbed import ExactModel, mode_weight_error, random_mixture, sliced_w2
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, mode_weight_error, random_mixture, sliced_w2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]

@@ -25,7 +25,7 @@ from comfyui_fast_samplers.samplers.dpm_ot import (
 )
 from comfyui_fast_samplers.samplers.er_sde import PRESETS, sample_er_sde
 from comfyui_fast_samplers.samplers.schedule import flow_shift_sigmas, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, chi2_rms_radius, mode_weight_error, off_mode_rate, pool_distance_ratio, separated_mixture,
 )
 

@@ -7,7 +7,7 @@ Run from the repository root (about 1 minute on 2 CPU cores; one torch thread by
 
 Writes ``benchmarks/results/er_sde_peers.md`` (``--out`` to change; the file is replaced).
 
-What is compared, all on the built-in exact model of ``samplers/testbed.py`` (the 2-D
+What is compared, all on the built-in exact model of ``testbeds/mixtures.py`` (the 2-D
 three-mode mixture ``default_mixture()``, whose denoiser is closed-form), from the same start
 noise at sigma_max, on the Karras schedule (rho 7) over SD1.5's sigma range, at NFE 5/10/20/50:
 
@@ -59,7 +59,7 @@ import torch
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde
 from comfyui_fast_samplers.samplers.er_sde import make_noise_function, plan_er_sde
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, default_mixture, gaussian_w2, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
 )
 
@@ -533,7 +533,7 @@ def write_report(path, args, entries, results, floors, outputs, overhead, notes,
         "",
         "Peers: " + "; ".join(notes) + ".",
         "",
-        "Set-up: the exact denoiser of the 2-D three-mode mixture `default_mixture()` (`samplers/testbed.py`); "
+        "Set-up: the exact denoiser of the 2-D three-mode mixture `default_mixture()` (`testbeds/mixtures.py`); "
         f"{args.samples} samples from one start-noise set x ~ p(x; sigma_max), the same for every sampler; Karras "
         f"schedule (rho 7) {SIGMA_MAX:.4f} -> {SIGMA_MIN:.5f} (SD1.5's range: what diffusers builds from the "
         "scaled_linear betas with `use_karras_sigmas=True`), then a final step to sigma 0. Seed "

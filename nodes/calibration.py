@@ -108,11 +108,11 @@ class ScheduleCalibrator(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Guidance scale to calibrate under (the one you will sample with)."),
                 io.Boolean.Input("tune_steps", default=True, optional=True, display_name="tune steps",
-                                 tooltip="The pack's ODE samplers only: also fit, for this schedule, where the model "
-                                         "is asked at each step and how much of the last change of its output is "
-                                         "extrapolated (two numbers a step; kept only where they lower the error "
-                                         "on the fresh noises). They travel in the SAMPLER output: use it with "
-                                         "these SIGMAS."),
+                                 tooltip="Also fit, for this schedule, where the model is asked at each step and "
+                                         "how much of the last change of its output is extrapolated (two numbers a "
+                                         "step; samplers that call the model once per step; kept only where they "
+                                         "lower the error on the fresh noises). They travel in the SAMPLER output: "
+                                         "use it with these SIGMAS."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
                                  tooltip="Store the result in the user folder (fs_calibration_cache): the same "
                                          "inputs again give it back without model calls."),
@@ -140,6 +140,7 @@ class ScheduleCalibrator(io.ComfyNode):
         import folder_paths
 
         from ..samplers.schedule import parametrization_of_model_sampling
+        from ..samplers.step_tuning import sample_tuned
 
         if teacher_accuracy not in TEACHER_ACCURACY:
             raise ValueError(f"{WHO} node: teacher_accuracy must be one of {list(TEACHER_ACCURACY)}, "
@@ -189,8 +190,11 @@ class ScheduleCalibrator(io.ComfyNode):
             raise ValueError(message if message.startswith(WHO) else f"{WHO}: {message}") from None
         sigmas, report = result["out"]
         chosen = sampler
-        if report.sampler_options:
-            chosen = comfy.samplers.KSAMPLER(base_fn, extra_options={**base_options, **report.sampler_options})
+        options = {**base_options, **report.sampler_options}
+        if "step_tuning" in options:  # any sampler, run through the tuned model
+            chosen = comfy.samplers.KSAMPLER(sample_tuned, extra_options={"sampler": base_fn, **options})
+        elif report.sampler_options:
+            chosen = comfy.samplers.KSAMPLER(base_fn, extra_options=options)
         text = report.to_text()
         show_text(text.splitlines()[2] if len(text.splitlines()) > 2 else text, node_id)
         return io.NodeOutput(sigmas, chosen, text, ui=sigmas_ui(sigmas))

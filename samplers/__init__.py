@@ -10,6 +10,7 @@ from .ddbm import sample_ddbm_heun
 from .dp_schedule import optimize_schedule
 from .presets import SAMPLERS
 from .calibration import CalibrationReport, calibrate_schedule
+from .step_tuning import StepTuning, sample_tuned
 from .dpm_ot import OTMap, fit_ot_map, junction_schedule, load_ot_map, pool_from_clean, sample_dpm_ot, save_ot_map
 
 __all__ = [
@@ -19,6 +20,6 @@ __all__ = [
     "sample_ddim_gmm",
     "BridgeSchedule", "BridgeDenoiser", "sample_dbim", "sample_ddbm_heun", "encode_dbim", "interpolate_dbim",
     "optimize_schedule",
-    "SAMPLERS", "calibrate_schedule", "CalibrationReport",
+    "SAMPLERS", "calibrate_schedule", "CalibrationReport", "StepTuning", "sample_tuned",
     "OTMap", "pool_from_clean", "fit_ot_map", "save_ot_map", "load_ot_map", "sample_dpm_ot", "junction_schedule",
 ]

@@ -60,7 +60,7 @@ ADM_CONFIGS = {  # the released checkpoints (attention at resolutions 32, 16, 8)
     "imagenet_inpaint": ADMConfig(256, 256, (1, 1, 2, 2, 4, 4), 2, (8, 16, 32), num_classes=1000,
                                   attention_order="legacy"),
 }
-# The toy edges-to-shapes model (16 x 16, attention at 8 x 8): its preset, its trainer in bridge_testbed.py.
+# The toy edges-to-shapes model (16 x 16, attention at 8 x 8): its preset, its trainer in testbeds/bridges.py.
 TOY_ADM_CONFIG = ADMConfig(16, 32, (1, 1), 1, (2,), num_head_channels=32)
 
 

@@ -2,7 +2,7 @@
 reconstruction and interpolation, and the Bridge Sampler's choice between DBIM and DDBM Heun (``sample_bridge``).
 
 A bridge denoiser is ``denoiser(x_t, t, x_T) -> x0_hat`` with ``t`` a [B] tensor of bridge times
-(``BridgeDenoiser`` wraps a network with its preconditioning; ``bridge_testbed.ExactBridgeModel``
+(``BridgeDenoiser`` wraps a network with its preconditioning; ``testbeds.bridges.ExactBridgeModel``
 is exact). Every DBIM step is ``x <- k x + cT x_T + w0 x0_s + w1 x0_u1 + w2 x0_u2 + omega z`` with
 float64 scalars computed once per run (``plan_dbim``); the loops only call the denoiser and do
 axpy updates. Spec: shared/specs/dbim.md sections 3, 4.

@@ -23,7 +23,7 @@ from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-
     taylor_coefficients, taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
 from .schedule import NoiseSchedule
-from .step_tuning import StepTuning
+from .step_tuning import check_calls, tuned_model
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
@@ -345,7 +345,7 @@ def sample_er_sde(
     call, one order more). ``flow_form`` (flow models, ODE): the variable the denoiser is interpolated in,
     'lambda' (sigma / (1 - sigma)), 'sigma', or 'hybrid' (sigma on the steps whose history holds sigma = 1, then
     lambda; the ODE's default). ``step_tuning``: per-step query shifts and output extrapolations fitted
-    by the schedule calibrator for its SIGMAS (``step_tuning.StepTuning``). ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI
+    by the schedule calibrator for its SIGMAS (``step_tuning``). ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI
     model. ``noise``: 'gaussian' (ComfyUI's seeded per-step stream) or 'brownian' (one Brownian path per seed
     whatever the step count; needs torchsde); ``noise_sampler(sigma, sigma_next)`` overrides both."""
     extra_args = {} if extra_args is None else extra_args
@@ -360,10 +360,12 @@ def sample_er_sde(
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:
             noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
-    query_sigmas, extrapolation = plan.model_sigmas, None
-    tuning = StepTuning.from_option(step_tuning, sum(r.evaluate for r in plan.rows), "ER-SDE")
-    if tuning is not None:
-        query_sigmas, extrapolation = tuning.for_rows([r.evaluate for r in plan.rows], plan.model_sigmas, schedule)
-    device_sigmas = query_sigmas.to(torch.as_tensor(sigmas).dtype, copy=True)  # the cached plan's stays as is
-    return run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas,
-                    extrapolation=extrapolation)
+    tuned = None
+    if step_tuning is not None:
+        calls = sum(r.evaluate for r in plan.rows)
+        model = tuned = tuned_model(model, step_tuning, float(sig[0]), calls, schedule, "ER-SDE")
+    device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype, copy=True)  # the cached plan's stays as is
+    out = run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)
+    if tuned is not None:
+        check_calls(tuned, calls, "ER-SDE")
+    return out

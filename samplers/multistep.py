@@ -91,15 +91,12 @@ def merge_correction(row: StepRow, correction) -> StepRow:
 
 
 def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callback=None, disable=None,
-             noise_sampler=None, constant: torch.Tensor | None = None, model_sigmas=None, call=None,
-             extrapolation=None) -> torch.Tensor:
+             noise_sampler=None, constant: torch.Tensor | None = None, model_sigmas=None, call=None) -> torch.Tensor:
     """Execute a plan. ``model(x, sigma_batch, **extra_args)`` (or ``call(x, row)`` when given, for
     models with another signature) returns the denoised output. ``noise_sampler(sigma, sigma_next)``
     draws unit noise (ComfyUI's convention). ``model_sigmas``: a tensor of the rows' sigmas in the
     dtype the caller's sigmas had (what the model is called with); built from the rows otherwise.
-    ``extrapolation``: per row a float g (host scalars): the steps use D_i + g (D_i - D_prev) in place
-    of the model output D_i (D_prev: the previous raw output; ``step_tuning``). Tensors the model or
-    the callback saw are never modified."""
+    Tensors the model or the callback saw are never modified."""
     extra_args = {} if extra_args is None else extra_args
     depth = max((len(r.W) for r in rows), default=0)
     weights = [history_weights(r) for r in rows]  # the nonzero W of every row, once
@@ -108,18 +105,12 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
     model_sigmas = model_sigmas.to(x.device)
     s_in = x.new_ones([x.shape[0]])
     history: list[torch.Tensor] = []
-    previous = None  # the previous raw model output (for ``extrapolation``)
     for i in progress(len(rows), disable):
         row = rows[i]
         if not row.evaluate:
             continue
         denoised = model(x, model_sigmas[i] * s_in, **extra_args) if call is None else call(x, row)
-        used = denoised
-        if extrapolation is not None:
-            if extrapolation[i] != 0.0:
-                used = torch.lerp(previous, denoised, 1.0 + extrapolation[i])
-            previous = denoised
-        history.insert(0, used)
+        history.insert(0, denoised)
         del history[depth:]
         report(callback, i, x, model_sigmas[i], denoised)
         x = apply_row(x, row, history, constant, noise_sampler, weights[i])

@@ -1,15 +1,18 @@
-"""Per-step tuning of a multistep ODE sampler, fitted by the schedule calibrator.
+"""Per-step tuning of a few-step ODE sampler, fitted by the schedule calibrator for its schedule.
 
 Two small sets of numbers, one per model call i of a run (``StepTuning``):
 
-* ``query_shift`` d_i (LD3, Tong et al. 2024, "decoupled" query times): the model is evaluated at the
-  noise level with log lam = log lam(sigma_i) + d_i instead of sigma_i (lam = s / alpha, schedule.py);
-  the solver's coefficients stay those of sigma_i. The state does not move, only where the model is asked.
-* ``output_extrapolation`` g_i (D-ODE, Kim et al. 2024): the solver uses D_i + g_i (D_i - D_{i-1}) in place
+* ``query_shift`` d_i (LD3, Tong et al. 2024, "decoupled" query times): the model is asked at the noise
+  level whose log lam is log lam(sigma_i) + d_i instead of at sigma_i (lam = s / alpha, schedule.py);
+  the sampler's own coefficients stay those of sigma_i. The state does not move, only where the model is asked.
+* ``output_extrapolation`` g_i (D-ODE, Kim et al. 2024): the sampler gets D_i + g_i (D_i - D_{i-1}) in place
   of the model output D_i (D_{i-1}: the previous raw output; g_0 must be 0).
 
-Both are 0 for the plain sampler. They only make sense for the schedule they were fitted on (the
-calibrator's SIGMAS): a run with another step count is refused.
+Both are applied by ``TunedModel``, a wrapper of the model that counts its calls, so they work with any
+sampler that calls the model once per step, in order (the pack's ODE presets, ComfyUI's euler, dpmpp_2m,
+ipndm, deis, uni_pc, gradient_estimation...; the calibrator checks this before tuning). ``sample_tuned``
+is a sampler function (k-diffusion convention) that runs another one through it. Both sets are 0 for the
+plain sampler and only make sense for the schedule they were fitted on: another step count is refused.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, resolve_schedule
 
 MAX_EXTRAPOLATION = 1.0  # |g| bound the calibrator searches in
 
@@ -29,10 +32,9 @@ class StepTuning:
     output_extrapolation: tuple = ()
 
     @classmethod
-    def from_option(cls, option, calls: int, who: str) -> "StepTuning | None":
-        """From the sampler option (a dict with either key, lists of ``calls`` floats; None: no tuning)."""
-        if option is None:
-            return None
+    def from_option(cls, option, steps: int, who: str) -> "StepTuning":
+        """From the sampler option: a dict with 'query_shift' and / or 'output_extrapolation', lists of one
+        float per step (what the calibrator's report and SAMPLER output carry), or a StepTuning."""
         if isinstance(option, StepTuning):
             option = {"query_shift": option.query_shift, "output_extrapolation": option.output_extrapolation}
         if not isinstance(option, dict) or not set(option) <= {"query_shift", "output_extrapolation"}:
@@ -40,10 +42,9 @@ class StepTuning:
                              f"'output_extrapolation' (lists of one float per step), got {option!r}.")
         parts = {}
         for name in ("query_shift", "output_extrapolation"):
-            values = option.get(name) or ()
-            values = tuple(float(v) for v in values)
-            if values and len(values) != calls:
-                raise ValueError(f"{who}: step_tuning {name} has {len(values)} values for a schedule of {calls} "
+            values = tuple(float(v) for v in option.get(name) or ())
+            if values and len(values) != steps:
+                raise ValueError(f"{who}: step_tuning {name} has {len(values)} values for a schedule of {steps} "
                                  "steps; it was fitted for another schedule. Use the SIGMAS it was calibrated "
                                  "with (Schedule Calibrator), or calibrate again.")
             if not all(math.isfinite(v) for v in values):
@@ -54,38 +55,69 @@ class StepTuning:
                              "previous model output).")
         return cls(**parts)
 
-    def for_rows(self, evaluated: list[bool], model_sigmas: torch.Tensor, schedule: NoiseSchedule):
-        """(the sigmas the model is asked at, per-row extrapolation weights or None) for a plan whose rows
-        call the model where ``evaluated`` is True (one value of each list per such row, in order)."""
-        calls = [i for i, e in enumerate(evaluated) if e]
-        sigmas = model_sigmas.to(torch.float64).clone()
-        if self.query_shift:
-            index = torch.tensor(calls)
-            sigmas[index] = self.query_sigmas(sigmas[index], schedule)
-        weights = None
-        if any(self.output_extrapolation):
-            weights = [0.0] * len(evaluated)
-            for i, g in zip(calls, self.output_extrapolation):
-                weights[i] = g
-        return sigmas, weights
-
-    def query_sigmas(self, sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-        """Float64 noise levels the model is asked at, for the steps' sigmas (one per model call)."""
-        sig = sigmas.to(torch.float64)
-        if not self.query_shift:
-            return sig.clone()
-        shift = torch.tensor(self.query_shift, dtype=torch.float64)
-        moved = shift != 0
-        if (moved & ~torch.isfinite(schedule.log_lam(sig))).any():
-            raise ValueError("step_tuning: a query_shift is set on a step at flow sigma = 1 (log lam is infinite "
-                             "there); it must be 0.")
-        shifted = schedule.sigma_from_lam(torch.exp(schedule.log_lam(sig) + shift))
-        return torch.where(moved, shifted, sig)
-
     def as_option(self) -> dict:
-        """JSON-friendly option value (what the calibrator's report and SAMPLER carry)."""
+        """JSON-friendly option value."""
         return {"query_shift": [round(v, 6) for v in self.query_shift],
                 "output_extrapolation": [round(v, 6) for v in self.output_extrapolation]}
+
+
+class TunedModel:
+    """``model`` with call i asked at the shifted noise level and its output extrapolated (module docstring).
+    Everything else (ComfyUI samplers read model.inner_model...) is forwarded."""
+
+    def __init__(self, model, tuning: StepTuning, schedule: NoiseSchedule):
+        self.model, self.tuning, self.schedule = model, tuning, schedule
+        self.calls, self.previous = 0, None
+
+    def __call__(self, x, sigma, **extra_args):
+        i, self.calls = self.calls, self.calls + 1
+        shifts, weights = self.tuning.query_shift, self.tuning.output_extrapolation
+        if i < len(shifts) and shifts[i] != 0.0:
+            work = torch.float32 if sigma.device.type == "mps" else torch.float64  # MPS has no float64
+            log_lam = self.schedule.log_lam(sigma.to(work)) + shifts[i]
+            sigma = self.schedule.sigma_from_lam(torch.exp(log_lam)).to(sigma.dtype)
+        denoised = self.model(x, sigma, **extra_args)
+        out = denoised
+        if i < len(weights) and weights[i] != 0.0:
+            out = torch.lerp(self.previous, denoised, 1.0 + weights[i])
+        self.previous = denoised
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def tuned_model(model, step_tuning, start_sigma: float, steps: int, schedule: NoiseSchedule,
+                who: str) -> TunedModel:
+    """``TunedModel`` for a run of ``steps`` model calls from ``start_sigma`` (checked once, before the run)."""
+    tuning = StepTuning.from_option(step_tuning, steps, who)
+    if tuning.query_shift and tuning.query_shift[0] != 0.0 and schedule.is_flow and start_sigma >= 1.0:
+        raise ValueError(f"{who}: step_tuning query_shift[0] must be 0 on a flow model started at sigma = 1 "
+                         "(log lam is infinite there).")
+    return TunedModel(model, tuning, schedule)
+
+
+def check_calls(tuned: TunedModel, steps: int, who: str) -> None:
+    if tuned.calls != steps:
+        raise ValueError(f"{who}: the sampler called the model {tuned.calls} times for {steps} steps; step tuning "
+                         "needs a sampler that calls it once per step (euler, dpmpp_2m, ipndm, uni_pc, the pack's "
+                         "ODE presets...).")
+
+
+@torch.no_grad()
+def sample_tuned(model, x, sigmas, extra_args=None, callback=None, disable=None, sampler=None, step_tuning=None,
+                 **options):
+    """Runs ``sampler`` (any k-diffusion-convention function, with ``options``) with ``step_tuning`` (a
+    calibrator result, ``StepTuning.from_option``): what the Schedule Calibrator's SAMPLER output runs."""
+    who = "Tuned sampler"
+    if not callable(sampler):
+        raise ValueError(f"{who}: 'sampler' must be a sampler function.")
+    steps = len(sigmas) - 1
+    tuned = tuned_model(model, step_tuning, float(sigmas[0]), steps,
+                        resolve_schedule(model, options.get("parametrization")), who)
+    out = sampler(tuned, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+    check_calls(tuned, steps, who)
+    return out
 
 
 def query_shift_bounds(log_lams: list[float], log_lam_max: float) -> list[tuple[float, float]]:

@@ -4,7 +4,7 @@
 0.0292 ... 14.615, like ComfyUI's EPS models), ``load_digits_model("flow")`` a rectified-flow velocity
 network (x = (1 - t) x0 + t eps, t = sigma, trained on all of [0, 1]; ``sigma_min`` = 0.003 is
 ComfyUI's shift-3 minimum). Both are served as k-diffusion x0-denoisers like
-``samplers.testbed.ExactModel``: ``model(x, sigma_batch) -> denoised``, with ``denoised = x - sigma *
+``testbeds.mixtures.ExactModel``: ``model(x, sigma_batch) -> denoised``, with ``denoised = x - sigma *
 prediction`` in both cases. The weights are trained once by ``scripts/train_digits_model.py``; loading
 needs only torch and safetensors.
 """

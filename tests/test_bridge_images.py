@@ -209,7 +209,7 @@ def test_sample_bridge_checks_its_options():
 # ---- import weight -------------------------------------------------------------------------------
 
 def test_importing_the_samplers_loads_no_test_bed_network_or_einops():
-    heavy = ["comfyui_fast_samplers.samplers.bridge_testbed", "comfyui_fast_samplers.samplers.testbed",
+    heavy = ["comfyui_fast_samplers.testbeds.bridges", "comfyui_fast_samplers.testbeds.mixtures",
              "comfyui_fast_samplers.samplers.adm_unet", "einops"]
     code = ("import sys, comfyui_fast_samplers.samplers, comfyui_fast_samplers.samplers.bridge_images\n"
             "from comfyui_fast_samplers.samplers.dbim import BRIDGE_PRESET_NAMES\n"

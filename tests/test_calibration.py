@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers import SAMPLERS, calibrate_schedule, sample_dpmpp_2m
-from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture
 
 VE = dict(sigma_min=0.0292, sigma_max=14.615)
 FLOW = dict(sigma_min=0.003, sigma_max=1.0)

@@ -8,7 +8,7 @@ from comfyui_fast_samplers.samplers.ddim_gmm import (
     make_directions, mixture_noise, plan_ddim_gmm, sample_ddim_gmm,
 )
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, default_mixture, mode_weight_error, random_mixture, sliced_w2,
 )
 
@@ -295,7 +295,7 @@ def test_every_preset_keeps_samples_on_the_modes():
     rate + 0.015 (500 samples: binomial std ~0.0045 at rate 0.01) and mode-TV + 0.03 (its seed std
     is ~0.01); they catch mode mixing, not a small loss of mode-weight accuracy."""
     from comfyui_fast_samplers.samplers.presets import PRESET_OPTIONS
-    from comfyui_fast_samplers.samplers.testbed import chi2_rms_radius, off_mode_rate
+    from comfyui_fast_samplers.testbeds.mixtures import chi2_rms_radius, off_mode_rate
 
     mix = random_mixture(64, 6, seed=1)
     model = ExactModel(mix, "ve")

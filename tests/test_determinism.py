@@ -6,14 +6,14 @@ import torch
 
 from comfyui_fast_samplers.samplers import SAMPLERS
 from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS
-from comfyui_fast_samplers.samplers.bridge_testbed import ExactBridgeModel, default_joint_mixture
+from comfyui_fast_samplers.testbeds.bridges import ExactBridgeModel, default_joint_mixture
 from comfyui_fast_samplers.samplers.common import seeded_noise_sampler, step_noise_seed
 from comfyui_fast_samplers.samplers.dbim import sample_dbim, sample_ddbm_heun
 from comfyui_fast_samplers.samplers.dp_schedule import optimize_schedule
 from comfyui_fast_samplers.samplers.dpm_ot import fit_ot_map, junction_schedule, pool_from_clean, sample_dpm_ot
 from comfyui_fast_samplers.samplers.er_sde import sample_er_sde
 from comfyui_fast_samplers.samplers.schedule import discrete_vp_sigmas, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import ExactModel, random_mixture
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, random_mixture
 
 SHAPE = (2, 4, 4, 4)  # 64 dimensions: room for DDIM-GMM's 8 orthogonal offsets
 DETERMINISTIC = {"fs_er_sde_ode_3", "fs_er_sde_ode_3_unic"}  # ODE samplers: no seed dependence at all

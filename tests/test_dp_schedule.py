@@ -9,7 +9,7 @@ from comfyui_fast_samplers.samplers.dp_schedule import (
     cost_matrix, dp_optimal_path, nearest_path, optimize_schedule, path_cost, probe_mse, snr,
 )
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, discrete_vp_sigmas, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import ExactModel, random_mixture
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, random_mixture
 
 GRID = discrete_vp_sigmas()  # SD1.5's 1000 sigmas, 0.0292 ... 14.61
 
@@ -203,7 +203,7 @@ def test_probe_cache_round_trip_and_misses(tmp_path, toy):
 @pytest.mark.parametrize("parametrization", ["ve", "flow"])
 def test_local_error_cost_is_the_one_step_error_against_the_exact_ode(parametrization):
     from comfyui_fast_samplers.samplers.dp_schedule import probe_local_error
-    from comfyui_fast_samplers.samplers.testbed import default_mixture, solve_pf_ode
+    from comfyui_fast_samplers.testbeds.mixtures import default_mixture, solve_pf_ode
 
     mix = default_mixture()
     model = ExactModel(mix, parametrization)
@@ -242,7 +242,7 @@ def test_local_error_with_flow_sigma_one_as_a_candidate():
     """The node's flow grid always holds sigma = 1 (lambda infinite): costs stay finite (the segment to it is
     sub-stepped in sigma, states stay in model space) and the DP gives a strictly decreasing schedule."""
     from comfyui_fast_samplers.samplers.dp_schedule import probe_local_error
-    from comfyui_fast_samplers.samplers.testbed import default_mixture
+    from comfyui_fast_samplers.testbeds.mixtures import default_mixture
 
     mix = default_mixture()
     model = ExactModel(mix, "flow")

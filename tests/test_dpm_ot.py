@@ -12,7 +12,7 @@ from comfyui_fast_samplers.samplers.dpm_ot import (
     score_factor, tiled_argmax, tiled_top2,
 )
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, chi2_rms_radius, mode_weight_error, off_mode_rate, pool_distance_ratio, random_mixture,
     separated_mixture,
 )

@@ -12,7 +12,7 @@ from comfyui_fast_samplers.samplers.er_sde import (
 from comfyui_fast_samplers.samplers.schedule import (
     flow_shift_sigmas, karras_sigmas, log_lam_uniform_sigmas,
 )
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, default_mixture, gaussian_w2, marginal_sample, random_mixture, single_gaussian, solve_pf_ode,
 )
 

@@ -6,7 +6,7 @@ import torch
 from comfyui_fast_samplers.samplers import sample_er_sde
 from comfyui_fast_samplers.samplers.er_sde import make_noise_function, plan_er_sde
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture, solve_pf_ode
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, solve_pf_ode
 
 FLOW = NoiseSchedule("flow")
 ODE = make_noise_function("ode")

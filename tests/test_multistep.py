@@ -9,7 +9,7 @@ import torch
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde
 from comfyui_fast_samplers.samplers.multistep import StepRow, derivative_weights, merge_correction
 from comfyui_fast_samplers.samplers.schedule import karras_sigmas
-from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture, marginal_sample, solve_pf_ode
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, marginal_sample, solve_pf_ode
 
 
 @pytest.mark.parametrize("nodes", [[0.7, 0.3], [2.0, 1.1, 0.2], [5.0, 3.2, 1.0, -0.4], [1e-3, 7e-4, 2e-4, 1e-4]])

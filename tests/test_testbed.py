@@ -3,7 +3,7 @@ import math
 import torch
 
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule
-from comfyui_fast_samplers.samplers.testbed import (
+from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, default_mixture, exact_w2, gaussian_w2, marginal_sample, mode_weight_error,
     off_mode_rate, single_gaussian, sliced_w2, solve_pf_ode,
 )

@@ -20,6 +20,7 @@ from ..dp_schedule import cache_key
 from ..er_sde import check_options, plan_er_sde, sample_er_sde
 from ..presets import SAMPLERS
 from ..schedule import NoiseSchedule, resolve_schedule
+from ..step_tuning import StepTuning, TunedModel, sample_tuned
 from .report import VERSION, CalibrationReport, load_cached, save_cached
 from .search import (
     SigmaRange, Stepper, candidate_grid, fine_grid, fit_step_tuning, mean_error, refine, solver_aware_dp,
@@ -103,8 +104,15 @@ def default_variants(fn, options: dict, flow: bool) -> list[dict]:
 
 
 def tunable(fn, options: dict) -> bool:
-    """Whether ``step_tuning`` applies: the pack's ER samplers in their ODE form."""
+    """Whether the pack's ODE variants (final steps, flow forms) apply: its ER samplers in their ODE form."""
     return fn is sample_er_sde and options.get("noise_fn", "sde_5") == "ode"
+
+
+def calls_per_step(run_on, model, schedule) -> int:
+    """Model calls of one run (``run_on(model)``): ``step_tuning`` needs one per step."""
+    probe = TunedModel(model, StepTuning(), schedule)
+    run_on(probe)
+    return probe.calls
 
 
 def model_sigma_range(model, parametrization=None, sigma_min=None, sigma_max=None) -> SigmaRange:
@@ -192,9 +200,10 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
     uniform). ``variants``: option dicts for a pack sampler to try (default ``default_variants``: the final
     steps and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``.
-    ``tune_steps`` (the pack's ODE samplers): then fit per-step query shifts and output extrapolations for
-    the schedule (``step_tuning``; ``tune_trials`` runs, default 4 x candidates), kept in ``sampler_options``
-    only where they lower the error (on the hold-out noises when there are any).
+    ``tune_steps`` (samplers that call the model once per step): then fit per-step query shifts and output
+    extrapolations for the schedule (``step_tuning``; ``tune_trials`` runs, default 4 x candidates), kept in
+    ``sampler_options`` only where they lower the error (on the hold-out noises when there are any); run a
+    sampler with them through ``step_tuning.sample_tuned`` (the pack's ER samplers take the option directly).
     ``progress(stage, done, total)`` may raise to stop (nothing is written then). ``cache_dir`` +
     ``model_key`` (a string naming the model, conditioning and cfg): results are stored there, and the same
     call again returns them without a model call."""
@@ -255,12 +264,16 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     def run(fn_options, x, sigmas, seed=None):
         args = dict(extra_args) if seed is None else dict(extra_args, seed=seed)
         sigmas = sigmas.to(torch.promote_types(sigmas.dtype, x.dtype), copy=True)  # samplers may write into it
+        if "step_tuning" in fn_options:  # any sampler, through the wrapper the SAMPLER output uses
+            return sample_tuned(counter, x.clone(), sigmas, extra_args=args, disable=True, sampler=fn, **fn_options)
         return fn(counter, x.clone(), sigmas, extra_args=args, disable=True, **fn_options)
 
     stock = _stock_sigmas(rng, steps) if stock is None else dict(stock)
     init = next(iter(stock.values()))
     stage("checks")
     check_deterministic(lambda x, s, seed: run(options, x, s, seed), x_cal, init, who)
+    once_per_step = calls_per_step(lambda model: fn(model, x_cal[:1].clone(), init.clone(), extra_args=dict(extra_args),
+                                                    disable=True, **options), counter, rng.schedule) == steps
     end("checks")
 
     stage("dp")
@@ -313,7 +326,7 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     end("refine")
 
     untuned = None
-    if tune_steps and tunable(fn, options):
+    if tune_steps and once_per_step:
         stage("tune")
         tuning, tuned_error, _ = fit_step_tuning(
             lambda t: score({**chosen, "step_tuning": t}, x_cal, sigmas, final), rng, sigmas,

@@ -53,15 +53,17 @@ def test_calibrated_euler_beats_karras_against_the_exact_ode(run_prompt, comfy):
     assert error("out") < 0.5 * error("karras"), (error("out"), error("karras"))
 
 
-def test_step_tuning_travels_in_the_sampler_output(run_prompt, comfy):
-    """The pack's ODE preset calibrated with and without 'tune steps': the SAMPLER output carries the tuning
-    into SamplerCustom, and with it the result is closer to the exact ODE (the formula above; measured 0.0017
-    vs 0.0029 at 3 steps)."""
+@pytest.mark.parametrize("sampler_name,gain", [("fs_er_sde_ode_3_unic", 0.8), ("euler", 0.1)])
+def test_step_tuning_travels_in_the_sampler_output(run_prompt, comfy, sampler_name, gain):
+    """A sampler calibrated with and without 'tune steps' (the pack's ODE preset; ComfyUI's euler, through the
+    tuned-model wrapper): the SAMPLER output carries the tuning into SamplerCustom, and with it the result is
+    closer to the exact ODE (the formula above; measured at 3 steps 0.0017 vs 0.0029, and for euler 0.0022 vs
+    0.235: on Gaussian data the denoiser is linear in x, which two numbers a step nearly fit exactly)."""
     import comfy.model_sampling
     import comfy.sample
     from graphs import MU, S, SD1_SCALE
 
-    g = _graph("fs_er_sde_ode_3_unic", steps=3)
+    g = _graph(sampler_name, steps=3)
     g["21"]["inputs"].update(noises=32, candidates=24)
     g["22"] = dict(g["21"], inputs=dict(g["21"]["inputs"], tune_steps=False))
     g["11"] = dict(g["6"], inputs=dict(g["6"]["inputs"], sampler=["22", 1], sigmas=["22", 0]))
@@ -78,7 +80,7 @@ def test_step_tuning_travels_in_the_sampler_output(run_prompt, comfy):
     def error(label):
         return float((captured[label].to(torch.float64) * SD1_SCALE - exact).flatten(1).norm(dim=1).mean())
 
-    assert error("out") < 0.8 * error("untuned"), (error("out"), error("untuned"))
+    assert error("out") < gain * error("untuned"), (error("out"), error("untuned"))
 
 
 def test_discrete_model_schedule_is_on_its_table(run_prompt, comfy):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_euler
-from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture
+from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture
 
 _spec = importlib.util.spec_from_file_location(
     "comfy_peers", Path(__file__).resolve().parents[2] / "benchmarks" / "comfy_peers.py")

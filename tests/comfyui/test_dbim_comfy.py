@@ -16,7 +16,7 @@ def bridge_env(comfy, tmp_path_factory):
     import folder_paths
     from PIL import Image
 
-    from comfyui_fast_samplers.samplers.bridge_testbed import toy_pairs
+    from comfyui_fast_samplers.testbeds.bridges import toy_pairs
 
     models = tmp_path_factory.mktemp("bridge_models")
     shutil.copy(ASSET, models / "toy.safetensors")

@@ -75,7 +75,7 @@ def _comfy_wrapped(exact, prediction):
     """Our exact test-bed model seen through a real ComfyUI model_sampling object."""
     import comfy.model_sampling as ms
 
-    from comfyui_fast_samplers.samplers.testbed import ExactModel  # noqa: F401
+    from comfyui_fast_samplers.testbeds.mixtures import ExactModel  # noqa: F401
 
     if prediction == "eps":
         class Sampling(ms.ModelSamplingDiscrete, ms.EPS):
@@ -108,7 +108,7 @@ def test_parity_preset_reproduces_comfy_er_sde(comfy, prediction, steps):
     import comfy.samplers
 
     from comfyui_fast_samplers.samplers import sample_er_sde
-    from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture
+    from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture
 
     exact = ExactModel(default_mixture(), "ve" if prediction == "eps" else "flow")
     model, sampling = _comfy_wrapped(exact, prediction)
@@ -131,7 +131,7 @@ def test_default_is_closer_to_the_exact_ode_than_comfy(comfy, prediction):
     import comfy.samplers
 
     from comfyui_fast_samplers.samplers import sample_er_sde
-    from comfyui_fast_samplers.samplers.testbed import ExactModel, default_mixture, solve_pf_ode
+    from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, solve_pf_ode
 
     exact = ExactModel(default_mixture(), "ve" if prediction == "eps" else "flow")
     model, sampling = _comfy_wrapped(exact, prediction)
@@ -165,7 +165,7 @@ def test_default_is_closer_in_distribution_than_comfy(comfy):
     import comfy.samplers
 
     from comfyui_fast_samplers.samplers import sample_er_sde
-    from comfyui_fast_samplers.samplers.testbed import ExactModel, gaussian_w2, single_gaussian
+    from comfyui_fast_samplers.testbeds.mixtures import ExactModel, gaussian_w2, single_gaussian
 
     mix = single_gaussian()
     exact = ExactModel(mix, "ve")
