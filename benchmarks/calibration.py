@@ -237,7 +237,8 @@ def write_markdown(results, args, wall, drift=()) -> str:
             lines.append(f"| {res['name']} | {nfe} | {peer.sampler} / {peer.schedule} | {peer.error:.4g} | "
                          f"{top['sampler']} | {top['error']:.4g} | {top['error'] / peer.error:.2f} |")
     lines += ["", "## The pack's default, calibrated, vs the best ComfyUI pairing", "",
-              f"`{DEFAULT}` with the calibrator's schedule (and its final-step choice).", "",
+              f"`{DEFAULT}` with the calibrator's schedule and the final step and step tuning it chose (the options "
+              "are listed at the end).", "",
               "| model | NFE | best ComfyUI pairing | error | calibrated default | ratio | calibration error | "
               "model calls | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
