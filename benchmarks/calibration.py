@@ -117,7 +117,7 @@ def calibrated_rows(model, ms, cal, hold, reference, nfes, names, **options) -> 
             t0 = time.perf_counter()
             with default_dtype(torch.float64):
                 sigmas, report = calibrate_schedule(model, cal, nfe, fn, holdout=0, **options)
-            this_fn, this_options = run_fn, run_options
+            this_fn, this_options = run_fn, {**run_options, **report.sampler_options}
             if name in SAMPLERS:  # a pack preset with the options the calibration chose
                 this_fn, this_options = SAMPLERS[name].func, {**SAMPLERS[name].options, **report.sampler_options}
             if "step_tuning" in report.sampler_options:  # what the node's SAMPLER output runs

@@ -111,7 +111,10 @@ def tunable(fn, options: dict) -> bool:
 def calls_per_step(run_on, model, schedule) -> int:
     """Model calls of one run (``run_on(model)``): ``step_tuning`` needs one per step."""
     probe = TunedModel(model, StepTuning(), schedule)
-    run_on(probe)
+    try:
+        run_on(probe)
+    except SAMPLER_FAILURES:
+        return -1
     return probe.calls
 
 
@@ -272,8 +275,9 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     init = next(iter(stock.values()))
     stage("checks")
     check_deterministic(lambda x, s, seed: run(options, x, s, seed), x_cal, init, who)
-    once_per_step = calls_per_step(lambda model: fn(model, x_cal[:1].clone(), init.clone(), extra_args=dict(extra_args),
-                                                    disable=True, **options), counter, rng.schedule) == steps
+    once_per_step = calls_per_step(lambda model: fn(model, x_cal[:1].clone(), init.to(
+        torch.promote_types(init.dtype, x_cal.dtype), copy=True), extra_args=dict(extra_args), disable=True, **options),
+        counter, rng.schedule) == steps
     end("checks")
 
     stage("dp")
