@@ -15,7 +15,7 @@ derivatives, at a point, of the polynomial interpolating a few nodes.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,31 +39,39 @@ class StepRow:
     evaluate: bool = True
     order: int = 1
 
+    @functools.cached_property
+    def history_terms(self) -> tuple:
+        """((k, W[k]) for the nonzero weights): what ``apply_row`` adds from the history (once per row)."""
+        return tuple((k, w) for k, w in enumerate(self.W) if w != 0.0)
+
 
 def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
     """``derivative_weights`` as host lists (what the planners use: no numpy per row)."""
     nodes = [float(v) for v in nodes]
     n = len(nodes)
     top = min(count, n - 1)
-    # Fornberg (1988): c[m][j], the weight of f_j in the m-th derivative at ``at``, built node by node
-    c = [[0.0] * n for _ in range(top + 1)]
-    c[0][0] = 1.0
+    # Fornberg (1988), built node by node: cols[j][m] is the weight of f_j in the m-th derivative at ``at``
+    cols = [[1.0] + [0.0] * top]
     prod_prev, offset = 1.0, nodes[0] - at
     for i in range(1, n):
-        prod, offset_prev, offset = 1.0, offset, nodes[i] - at
-        m_max = min(i, top)
+        node = nodes[i]
+        prod, offset_prev, offset = 1.0, offset, node - at
+        orders = range(min(i, top), 0, -1)
         for j in range(i):
-            gap = nodes[i] - nodes[j]
+            gap = node - nodes[j]
             prod *= gap
-            if j == i - 1:
-                for m in range(m_max, 0, -1):
-                    c[m][i] = prod_prev * (m * c[m - 1][i - 1] - offset_prev * c[m][i - 1]) / prod
-                c[0][i] = -prod_prev * offset_prev * c[0][i - 1] / prod
-            for m in range(m_max, 0, -1):
-                c[m][j] = (offset * c[m][j] - m * c[m - 1][j]) / gap
-            c[0][j] = offset * c[0][j] / gap
+            col = cols[j]
+            if j == i - 1:  # the new node's weights, from the previous node's before they are updated
+                new = [0.0] * (top + 1)
+                for m in orders:
+                    new[m] = prod_prev * (m * col[m - 1] - offset_prev * col[m]) / prod
+                new[0] = -prod_prev * offset_prev * col[0] / prod
+            for m in orders:
+                col[m] = (offset * col[m] - m * col[m - 1]) / gap
+            col[0] = offset * col[0] / gap
+        cols.append(new)
         prod_prev = prod
-    return [c[k] if k <= top else [0.0] * n for k in range(1, count + 1)]
+    return [[col[k] for col in cols] if k <= top else [0.0] * n for k in range(1, count + 1)]
 
 
 def derivative_weights(nodes, at: float, count: int) -> np.ndarray:
@@ -81,13 +89,18 @@ def merge_correction(row: StepRow, correction) -> StepRow:
     model output at x_i is known), into the step that leaves x_i: A (x + corr) + ... = A x + (W + A corr)."""
     if correction is None or row.A == 0.0 or not row.evaluate:
         return row
-    width = max(len(row.W), len(correction))
-    W = [0.0] * width
-    for k, w in enumerate(row.W):
-        W[k] += w
+    return StepRow(row.sigma, row.sigma_next, row.A, merged_weights(row.A, row.W, correction), row.C, row.E, row.draw,
+                   row.evaluate, row.order)
+
+
+def merged_weights(A: float, W, correction) -> tuple:
+    """The W of ``merge_correction``: W + A correction, as long as the longer of the two."""
+    merged = [0.0] * max(len(W), len(correction))
+    for k, w in enumerate(W):
+        merged[k] += w
     for k, w in enumerate(correction):
-        W[k] += row.A * w
-    return dataclasses.replace(row, W=tuple(W))
+        merged[k] += A * w
+    return tuple(merged)
 
 
 def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callback=None, disable=None,
@@ -99,36 +112,47 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
     Tensors the model or the callback saw are never modified."""
     extra_args = {} if extra_args is None else extra_args
     depth = max((len(r.W) for r in rows), default=0)
-    weights = [history_weights(r) for r in rows]  # the nonzero W of every row, once
     if model_sigmas is None:
         model_sigmas = torch.tensor([r.sigma for r in rows], dtype=torch.float64)
     model_sigmas = model_sigmas.to(x.device)
     s_in = x.new_ones([x.shape[0]])
+    # every step's sigma batch (model_sigmas[i] * s_in) in one op: a 0-dim sigma takes s_in's dtype
+    sigma_batches = (model_sigmas.to(torch.result_type(model_sigmas[0], s_in))[:, None] * s_in).unbind(0) \
+        if call is None and len(rows) else ()
     history: list[torch.Tensor] = []
     for i in progress(len(rows), disable):
         row = rows[i]
         if not row.evaluate:
             continue
-        denoised = model(x, model_sigmas[i] * s_in, **extra_args) if call is None else call(x, row)
+        denoised = model(x, sigma_batches[i], **extra_args) if call is None else call(x, row)
         history.insert(0, denoised)
         del history[depth:]
-        report(callback, i, x, model_sigmas[i], denoised)
-        x = apply_row(x, row, history, constant, noise_sampler, weights[i])
+        if callback is not None:
+            report(callback, i, x, model_sigmas[i], denoised)
+        x = apply_row(x, row, history, constant, noise_sampler)
     return x
 
 
 def history_weights(row: StepRow) -> tuple:
     """((k, W[k]) for the nonzero weights of a row): what ``apply_row`` adds from the history."""
-    return tuple((k, w) for k, w in enumerate(row.W) if w != 0.0)
+    return row.history_terms
 
 
 def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None, weights=None):
     """A x + sum W D + C c + E z into one new tensor (the first nonzero term out of place, the rest added
-    in place, in this order). ``weights``: ``history_weights(row)`` when precomputed."""
-    weights = history_weights(row) if weights is None else weights
-    out = None if row.A == 0.0 else _accumulate(None, x, row.A)
-    for k, w in weights:
-        out = _accumulate(out, history[k], w)
+    in place, in this order). ``weights``: ``history_weights(row)`` (the default)."""
+    terms = row.history_terms if weights is None else weights
+    A = row.A
+    if A != 0.0:
+        out = x * A if A != 1.0 else x.clone()
+    elif terms:
+        k, w = terms[0]
+        out = history[k] * w if w != 1.0 else history[k].clone()
+        terms = terms[1:]
+    else:
+        out = None
+    for k, w in terms:
+        out.add_(history[k], alpha=w)
     if row.C != 0.0:
         out = _accumulate(out, constant, row.C)
     if row.draw:
