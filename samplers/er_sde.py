@@ -191,10 +191,10 @@ def plan_er_sde(
             plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
             continue
         step_order, nodes, _, (alpha, s, lam) = step
-        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
             W = [1.0] + [0.0] * (step_order - 1)
             if final_step == "extrapolate":
+                deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
                 taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
                 W = [w + e for w, e in zip(W, _weighted_rows(taylor, deriv, step_order))]
             if final_step == "corrected" and pending is not None:
@@ -216,6 +216,7 @@ def plan_er_sde(
         A = s[i + 1] / s[i] * q
         W = [alpha[i + 1] - A * alpha[i]] + [0.0] * (step_order - 1)
         c = coeffs.get(i, ())
+        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if step_order >= 2:
             W = [w + alpha[i + 1] * d for w, d in zip(W, _weighted_rows(c[:step_order - 1], deriv, step_order))]
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0

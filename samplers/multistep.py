@@ -15,7 +15,6 @@ derivatives, at a point, of the polynomial interpolating a few nodes.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,17 +38,40 @@ class StepRow:
     evaluate: bool = True
     order: int = 1
 
-    @functools.cached_property
-    def history_terms(self) -> tuple:
-        """((k, W[k]) for the nonzero weights): what ``apply_row`` adds from the history (once per row)."""
-        return tuple((k, w) for k, w in enumerate(self.W) if w != 0.0)
-
 
 def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
-    """``derivative_weights`` as host lists (what the planners use: no numpy per row)."""
+    """``derivative_weights`` as host lists (what the planners use: no numpy per row). Two or three nodes
+    (most steps of a plan): the derivatives of the Lagrange basis, l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j)
+    / prod_{m != j} (x_j - x_m); more nodes: Fornberg's recursion."""
     nodes = [float(v) for v in nodes]
     n = len(nodes)
     top = min(count, n - 1)
+    if n == 2 and top == 1:
+        slope = 1.0 / (nodes[0] - nodes[1])
+        return [[slope, -slope]] + [[0.0, 0.0] for _ in range(count - 1)]
+    if n == 3 and top >= 1:
+        x0, x1, x2 = nodes
+        o0, o1, o2 = at - x0, at - x1, at - x2
+        d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+        rows = [[(o1 + o2) / d0, (o0 + o2) / d1, (o0 + o1) / d2]]
+        if count >= 2:
+            rows.append([2.0 / d0, 2.0 / d1, 2.0 / d2])
+        return rows + [[0.0, 0.0, 0.0] for _ in range(count - 2)]
+    if n == 4 and top >= 1:
+        x0, x1, x2, x3 = nodes
+        o0, o1, o2, o3 = at - x0, at - x1, at - x2, at - x3
+        d0 = (x0 - x1) * (x0 - x2) * (x0 - x3)
+        d1 = (x1 - x0) * (x1 - x2) * (x1 - x3)
+        d2 = (x2 - x0) * (x2 - x1) * (x2 - x3)
+        d3 = (x3 - x0) * (x3 - x1) * (x3 - x2)
+        rows = [[(o1 * o2 + o1 * o3 + o2 * o3) / d0, (o0 * o2 + o0 * o3 + o2 * o3) / d1,
+                 (o0 * o1 + o0 * o3 + o1 * o3) / d2, (o0 * o1 + o0 * o2 + o1 * o2) / d3]]
+        if count >= 2:
+            rows.append([2.0 * (o1 + o2 + o3) / d0, 2.0 * (o0 + o2 + o3) / d1, 2.0 * (o0 + o1 + o3) / d2,
+                         2.0 * (o0 + o1 + o2) / d3])
+        if count >= 3:
+            rows.append([6.0 / d0, 6.0 / d1, 6.0 / d2, 6.0 / d3])
+        return rows + [[0.0, 0.0, 0.0, 0.0] for _ in range(count - 3)]
     # Fornberg (1988), built node by node: cols[j][m] is the weight of f_j in the m-th derivative at ``at``
     cols = [[1.0] + [0.0] * top]
     prod_prev, offset = 1.0, nodes[0] - at
@@ -112,36 +134,34 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
     Tensors the model or the callback saw are never modified."""
     extra_args = {} if extra_args is None else extra_args
     depth = max((len(r.W) for r in rows), default=0)
+    weights = [history_weights(r) for r in rows]  # the nonzero W of every row, once
     if model_sigmas is None:
         model_sigmas = torch.tensor([r.sigma for r in rows], dtype=torch.float64)
     model_sigmas = model_sigmas.to(x.device)
     s_in = x.new_ones([x.shape[0]])
-    # every step's sigma batch (model_sigmas[i] * s_in) in one op: a 0-dim sigma takes s_in's dtype
-    sigma_batches = (model_sigmas.to(torch.result_type(model_sigmas[0], s_in))[:, None] * s_in).unbind(0) \
-        if call is None and len(rows) else ()
     history: list[torch.Tensor] = []
     for i in progress(len(rows), disable):
         row = rows[i]
         if not row.evaluate:
             continue
-        denoised = model(x, sigma_batches[i], **extra_args) if call is None else call(x, row)
+        denoised = model(x, model_sigmas[i] * s_in, **extra_args) if call is None else call(x, row)
         history.insert(0, denoised)
         del history[depth:]
         if callback is not None:
             report(callback, i, x, model_sigmas[i], denoised)
-        x = apply_row(x, row, history, constant, noise_sampler)
+        x = apply_row(x, row, history, constant, noise_sampler, weights[i])
     return x
 
 
 def history_weights(row: StepRow) -> tuple:
     """((k, W[k]) for the nonzero weights of a row): what ``apply_row`` adds from the history."""
-    return row.history_terms
+    return tuple((k, w) for k, w in enumerate(row.W) if w != 0.0)
 
 
 def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None, weights=None):
     """A x + sum W D + C c + E z into one new tensor (the first nonzero term out of place, the rest added
-    in place, in this order). ``weights``: ``history_weights(row)`` (the default)."""
-    terms = row.history_terms if weights is None else weights
+    in place, in this order). ``weights``: ``history_weights(row)`` when precomputed."""
+    terms = history_weights(row) if weights is None else weights
     A = row.A
     if A != 0.0:
         out = x * A if A != 1.0 else x.clone()
