@@ -40,9 +40,10 @@ class StepRow:
 
 
 def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
-    """``derivative_weights`` as host lists (what the planners use: no numpy per row). Two or three nodes
-    (most steps of a plan): the derivatives of the Lagrange basis, l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j)
-    / prod_{m != j} (x_j - x_m); more nodes: Fornberg's recursion."""
+    """``derivative_weights`` as host lists (what the planners use: no numpy per row). Two to four nodes
+    (every step of the pack's planners): the derivatives of the Lagrange basis in closed form,
+    l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j) / prod_{m != j} (x_j - x_m) with e the elementary symmetric
+    polynomials; more nodes: Fornberg's recursion."""
     nodes = [float(v) for v in nodes]
     n = len(nodes)
     top = min(count, n - 1)
@@ -99,7 +100,7 @@ def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
 def derivative_weights(nodes, at: float, count: int) -> np.ndarray:
     """[count, len(nodes)] weights: row k gives the (k+1)-th derivative at ``at`` of the polynomial
     of degree len(nodes) - 1 through (nodes_j, f_j), as sum_j w[k, j] f_j. Rows beyond the degree
-    are 0. Fornberg's recursion on the offsets (no linear solve)."""
+    are 0. Closed forms up to 4 nodes, Fornberg's recursion beyond (no linear solve)."""
     n = len(nodes)
     if n < 2 or count < 1:
         return np.zeros((max(count, 0), n))
