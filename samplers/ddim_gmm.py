@@ -22,6 +22,7 @@ Component picks are drawn on the device once, before the loop.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ ON_INFEASIBLE = ("clamp", "error")
 # Above this many numbers (and when K divides D) the K directions are cyclic shifts of one Gaussian
 # vector (one noise draw instead of K), orthonormalised exactly; otherwise K independent Gaussian vectors.
 _DENSE_DIRECTIONS_MAX = 1 << 17
+_CACHED_DIRECTIONS_MAX = 1 << 22  # 16 MB of float32 directions kept between runs at most
 
 
 @dataclass
@@ -176,8 +178,32 @@ def mixture_noise(step: GMMStep, directions: torch.Tensor, z: torch.Tensor, oneh
         mean = coords.mean(dim=1, keepdim=True)  # along u_bar (times sqrt(K))
         picks = picks + (step.std_centred - step.c) * (coords - mean) + (step.std_mean - step.c) * mean
     in_span = picks @ directions
-    in_span = torch.roll(in_span, step.shift, dims=1) if step.shift else in_span
-    return step.c * z + in_span if step.c > 0 else in_span
+    if step.c > 0:
+        return _add_rolled_(step.c * z, in_span, step.shift)
+    return torch.roll(in_span, step.shift, dims=1) if step.shift else in_span
+
+
+def _add_rolled_(out: torch.Tensor, t: torch.Tensor, shift: int) -> torch.Tensor:
+    """out += torch.roll(t, shift, dims=1), in place, without the rolled copy."""
+    if not shift:
+        return out.add_(t)
+    width = t.shape[1]
+    out[:, shift:] += t[:, :width - shift]
+    out[:, :shift] += t[:, width - shift:]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_directions(dim: int, components: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return make_directions(dim, components, seed, device, dtype)
+
+
+def run_directions(dim: int, components: int, seed: int, device, dtype) -> torch.Tensor:
+    """``make_directions`` through a one-entry cache (a queue of runs with one offset seed draws them once;
+    nothing writes to them), for up to _CACHED_DIRECTIONS_MAX numbers (larger ones are made per run)."""
+    if components * dim > _CACHED_DIRECTIONS_MAX:
+        return make_directions(dim, components, seed, device, dtype)
+    return _cached_directions(int(dim), int(components), int(seed), torch.device(device), dtype)
 
 
 @torch.no_grad()
@@ -202,7 +228,7 @@ def sample_ddim_gmm(model, x, sigmas, extra_args=None, callback=None, disable=No
     if any(step.mixture for step in plan):  # directions and every pick of the run, on the device, once
         K = min(int(components), dim)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        directions = make_directions(dim, K, offset_seed, x.device, work)
+        directions = run_directions(dim, K, offset_seed, x.device, work)
         pick_seed = PICK_SEED_OFFSET + (int(seed) if seed is not None else 0)
         pick_gen = torch.Generator(device=x.device).manual_seed(pick_seed)
         picks = torch.randint(K, (len(plan), batch), device=x.device, generator=pick_gen)

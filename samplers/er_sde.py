@@ -17,7 +17,7 @@ import torch
 
 from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
-from .multistep import StepRow, derivative_weight_rows, merge_correction, run_rows
+from .multistep import StepRow, derivative_weight_rows, merged_weights, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
     LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficient_rows,
     taylor_coefficients, taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
@@ -97,15 +97,14 @@ def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[floa
     the derivatives at lam_s of the polynomial through lam_t and the predictor's nodes replace the
     predictor's, y_t += sum_k c_{k+1} (a_k^corr - a_k^pred) (shared/specs/calibration.md section 3.3).
     ``c``: the step's (c2, ..., c_{len(nodes)+1}) when already known."""
-    corr_nodes = [lam_t] + list(nodes)
     terms = len(nodes)
     c = taylor_coefficients(fn, lam_t, lam_s, quadrature, terms) if c is None else c
-    corr = derivative_weight_rows(corr_nodes, lam_s, terms)
-    change = [0.0] * len(corr_nodes)
+    corr = derivative_weight_rows([lam_t, *nodes], lam_s, terms)
+    change = [0.0] * (terms + 1)
     for k in range(terms):
-        pred_k = [0.0, *predictor[k][:terms]] if k < len(predictor) else [0.0] * len(corr_nodes)
-        for j in range(len(corr_nodes)):
-            change[j] += c[k] * (corr[k][j] - pred_k[j])
+        ck = c[k]
+        pred_k = (0.0, *predictor[k][:terms]) if k < len(predictor) else (0.0,) * (terms + 1)
+        change = [v + ck * (a - b) for v, a, b in zip(change, corr[k], pred_k)]
     return tuple(alpha_t * v for v in change)
 
 
@@ -113,8 +112,7 @@ def _weighted_rows(coefficients, rows, width: int) -> list[float]:
     """sum_k coefficients[k] * rows[k] as a list of ``width`` floats (0 where there are no rows)."""
     out = [0.0] * width
     for ck, row in zip(coefficients, rows):
-        for j in range(width):
-            out[j] += ck * row[j]
+        out = [v + ck * r for v, r in zip(out, row)]
     return out
 
 
@@ -156,6 +154,7 @@ def plan_er_sde(
     L_arr = np.array(log_lam)
     finite = np.isfinite(L_arr)
     log_psi = np.where(finite, noise_fn.log_phi(np.where(finite, L_arr, 0.0)) - L_arr, np.nan).tolist()
+    own_finite = [math.isfinite(v) for v in own_form[2]]
     plan = ERSDEPlan(model_sigmas=sig)
     stochastic = s_noise > 0 and not noise_fn.deterministic
     # pass 1: every step's form, order and interpolation nodes (lam of past evaluations, newest first)
@@ -166,8 +165,8 @@ def plan_er_sde(
             continue
         evaluated.insert(0, i)
         del evaluated[order:]  # only the newest `order` evaluations enter a step
-        at_top = any(not math.isfinite(own_form[2][j]) for j in evaluated[:order])
-        form = sigma_form if flow_form == "sigma" or (flow_form == "hybrid" and at_top) else own_form
+        at_top = flow_form == "hybrid" and not all(own_finite[j] for j in evaluated)
+        form = sigma_form if flow_form == "sigma" or at_top else own_form
         lam = form[2]
         history = [lam[j] for j in evaluated]
         usable = 0
@@ -193,10 +192,10 @@ def plan_er_sde(
             plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
             continue
         step_order, nodes, _, (alpha, s, lam) = step
-        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
             W = [1.0] + [0.0] * (step_order - 1)
             if final_step == "extrapolate":
+                deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
                 taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
                 W = [w + e for w, e in zip(W, _weighted_rows(taylor, deriv, step_order))]
             if final_step == "corrected" and pending is not None:
@@ -218,14 +217,15 @@ def plan_er_sde(
         A = s[i + 1] / s[i] * q
         W = [alpha[i + 1] - A * alpha[i]] + [0.0] * (step_order - 1)
         c = coeffs.get(i, ())
+        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if step_order >= 2:
             W = [w + alpha[i + 1] * d for w, d in zip(W, _weighted_rows(c[:step_order - 1], deriv, step_order))]
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
         if stochastic:
             log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
             plan.clocks[(sig_s, sig_t)] = (math.exp(-2.0 * log_psi_s), math.exp(-2.0 * log_psi[i + 1]))
-        row = StepRow(sig_s, sig_t, A=A, W=tuple(W), E=E, draw=stochastic, order=step_order)
-        plan.rows.append(merge_correction(row, pending))
+        W = tuple(W) if pending is None or A == 0.0 else merged_weights(A, W, pending)  # = merge_correction
+        plan.rows.append(StepRow(sig_s, sig_t, A, W, 0.0, E, stochastic, True, step_order))
         pending = None
         if corrector and math.isfinite(lam[i]):
             pending = _ode_correction(lam[i + 1], lam[i], alpha[i + 1], nodes, deriv, noise_fn, quadrature, c)

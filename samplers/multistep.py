@@ -15,7 +15,6 @@ derivatives, at a point, of the polynomial interpolating a few nodes.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,35 +40,67 @@ class StepRow:
 
 
 def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
-    """``derivative_weights`` as host lists (what the planners use: no numpy per row)."""
+    """``derivative_weights`` as host lists (what the planners use: no numpy per row). Two to four nodes
+    (every step of the pack's planners): the derivatives of the Lagrange basis in closed form,
+    l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j) / prod_{m != j} (x_j - x_m) with e the elementary symmetric
+    polynomials; more nodes: Fornberg's recursion."""
     nodes = [float(v) for v in nodes]
     n = len(nodes)
     top = min(count, n - 1)
-    # Fornberg (1988): c[m][j], the weight of f_j in the m-th derivative at ``at``, built node by node
-    c = [[0.0] * n for _ in range(top + 1)]
-    c[0][0] = 1.0
+    if n == 2 and top == 1:
+        slope = 1.0 / (nodes[0] - nodes[1])
+        return [[slope, -slope]] + [[0.0, 0.0] for _ in range(count - 1)]
+    if n == 3 and top >= 1:
+        x0, x1, x2 = nodes
+        o0, o1, o2 = at - x0, at - x1, at - x2
+        d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+        rows = [[(o1 + o2) / d0, (o0 + o2) / d1, (o0 + o1) / d2]]
+        if count >= 2:
+            rows.append([2.0 / d0, 2.0 / d1, 2.0 / d2])
+        return rows + [[0.0, 0.0, 0.0] for _ in range(count - 2)]
+    if n == 4 and top >= 1:
+        x0, x1, x2, x3 = nodes
+        o0, o1, o2, o3 = at - x0, at - x1, at - x2, at - x3
+        d0 = (x0 - x1) * (x0 - x2) * (x0 - x3)
+        d1 = (x1 - x0) * (x1 - x2) * (x1 - x3)
+        d2 = (x2 - x0) * (x2 - x1) * (x2 - x3)
+        d3 = (x3 - x0) * (x3 - x1) * (x3 - x2)
+        rows = [[(o1 * o2 + o1 * o3 + o2 * o3) / d0, (o0 * o2 + o0 * o3 + o2 * o3) / d1,
+                 (o0 * o1 + o0 * o3 + o1 * o3) / d2, (o0 * o1 + o0 * o2 + o1 * o2) / d3]]
+        if count >= 2:
+            rows.append([2.0 * (o1 + o2 + o3) / d0, 2.0 * (o0 + o2 + o3) / d1, 2.0 * (o0 + o1 + o3) / d2,
+                         2.0 * (o0 + o1 + o2) / d3])
+        if count >= 3:
+            rows.append([6.0 / d0, 6.0 / d1, 6.0 / d2, 6.0 / d3])
+        return rows + [[0.0, 0.0, 0.0, 0.0] for _ in range(count - 3)]
+    # Fornberg (1988), built node by node: cols[j][m] is the weight of f_j in the m-th derivative at ``at``
+    cols = [[1.0] + [0.0] * top]
     prod_prev, offset = 1.0, nodes[0] - at
     for i in range(1, n):
-        prod, offset_prev, offset = 1.0, offset, nodes[i] - at
-        m_max = min(i, top)
+        node = nodes[i]
+        prod, offset_prev, offset = 1.0, offset, node - at
+        orders = range(min(i, top), 0, -1)
         for j in range(i):
-            gap = nodes[i] - nodes[j]
+            gap = node - nodes[j]
             prod *= gap
-            if j == i - 1:
-                for m in range(m_max, 0, -1):
-                    c[m][i] = prod_prev * (m * c[m - 1][i - 1] - offset_prev * c[m][i - 1]) / prod
-                c[0][i] = -prod_prev * offset_prev * c[0][i - 1] / prod
-            for m in range(m_max, 0, -1):
-                c[m][j] = (offset * c[m][j] - m * c[m - 1][j]) / gap
-            c[0][j] = offset * c[0][j] / gap
+            col = cols[j]
+            if j == i - 1:  # the new node's weights, from the previous node's before they are updated
+                new = [0.0] * (top + 1)
+                for m in orders:
+                    new[m] = prod_prev * (m * col[m - 1] - offset_prev * col[m]) / prod
+                new[0] = -prod_prev * offset_prev * col[0] / prod
+            for m in orders:
+                col[m] = (offset * col[m] - m * col[m - 1]) / gap
+            col[0] = offset * col[0] / gap
+        cols.append(new)
         prod_prev = prod
-    return [c[k] if k <= top else [0.0] * n for k in range(1, count + 1)]
+    return [[col[k] for col in cols] if k <= top else [0.0] * n for k in range(1, count + 1)]
 
 
 def derivative_weights(nodes, at: float, count: int) -> np.ndarray:
     """[count, len(nodes)] weights: row k gives the (k+1)-th derivative at ``at`` of the polynomial
     of degree len(nodes) - 1 through (nodes_j, f_j), as sum_j w[k, j] f_j. Rows beyond the degree
-    are 0. Fornberg's recursion on the offsets (no linear solve)."""
+    are 0. Closed forms up to 4 nodes, Fornberg's recursion beyond (no linear solve)."""
     n = len(nodes)
     if n < 2 or count < 1:
         return np.zeros((max(count, 0), n))
@@ -81,13 +112,18 @@ def merge_correction(row: StepRow, correction) -> StepRow:
     model output at x_i is known), into the step that leaves x_i: A (x + corr) + ... = A x + (W + A corr)."""
     if correction is None or row.A == 0.0 or not row.evaluate:
         return row
-    width = max(len(row.W), len(correction))
-    W = [0.0] * width
-    for k, w in enumerate(row.W):
-        W[k] += w
+    return StepRow(row.sigma, row.sigma_next, row.A, merged_weights(row.A, row.W, correction), row.C, row.E, row.draw,
+                   row.evaluate, row.order)
+
+
+def merged_weights(A: float, W, correction) -> tuple:
+    """The W of ``merge_correction``: W + A correction, as long as the longer of the two."""
+    merged = [0.0] * max(len(W), len(correction))
+    for k, w in enumerate(W):
+        merged[k] += w
     for k, w in enumerate(correction):
-        W[k] += row.A * w
-    return dataclasses.replace(row, W=tuple(W))
+        merged[k] += A * w
+    return tuple(merged)
 
 
 def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callback=None, disable=None,
@@ -112,7 +148,8 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
         denoised = model(x, model_sigmas[i] * s_in, **extra_args) if call is None else call(x, row)
         history.insert(0, denoised)
         del history[depth:]
-        report(callback, i, x, model_sigmas[i], denoised)
+        if callback is not None:
+            report(callback, i, x, model_sigmas[i], denoised)
         x = apply_row(x, row, history, constant, noise_sampler, weights[i])
     return x
 
@@ -125,10 +162,18 @@ def history_weights(row: StepRow) -> tuple:
 def apply_row(x, row: StepRow, history, constant=None, noise_sampler=None, weights=None):
     """A x + sum W D + C c + E z into one new tensor (the first nonzero term out of place, the rest added
     in place, in this order). ``weights``: ``history_weights(row)`` when precomputed."""
-    weights = history_weights(row) if weights is None else weights
-    out = None if row.A == 0.0 else _accumulate(None, x, row.A)
-    for k, w in weights:
-        out = _accumulate(out, history[k], w)
+    terms = history_weights(row) if weights is None else weights
+    A = row.A
+    if A != 0.0:
+        out = x * A if A != 1.0 else x.clone()
+    elif terms:
+        k, w = terms[0]
+        out = history[k] * w if w != 1.0 else history[k].clone()
+        terms = terms[1:]
+    else:
+        out = None
+    for k, w in terms:
+        out.add_(history[k], alpha=w)
     if row.C != 0.0:
         out = _accumulate(out, constant, row.C)
     if row.draw:

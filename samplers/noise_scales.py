@@ -143,6 +143,7 @@ def noise_function(name: str, eta: float, power: float, sde_1_a: float) -> Noise
 # ---- step coefficients c2, c3 --------------------------------------------------------------
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
+_GL_NODES_PLUS_1 = 1 + _GL_NODES
 _PANEL_WIDTH = 0.5  # in v = log(lam/lam_t); 8-node panels of this width: ~5e-15 relative error
 _CLOSED_FORM_MIN_U = 0.05  # below this the power-law closed form of c3 cancels; use quadrature
 
@@ -163,15 +164,17 @@ def quadrature_rows(fn: NoiseFunction, lam_t, lam_s, terms: int) -> np.ndarray:
     width = (u / panels)[:, None, None]
     index = np.arange(int(panels.max()))[None, :, None]
     live = index < panels[:, None, None]  # [steps, panels, 1]
-    v = np.where(live, index * width + width / 2 * (1 + _GL_NODES), 0.0)
-    w = np.where(live, width / 2 * _GL_WEIGHTS, 0.0)
+    half_width = width / 2
+    v = np.where(live, index * width + half_width * _GL_NODES_PLUS_1, 0.0)
+    w = np.where(live, half_width * _GL_WEIGHTS, 0.0)
     L_t = np.log(lam_t)[:, None, None]
-    kernel = w * fn.kappa(L_t + v) * np.exp(fn.log_phi(L_t) - fn.log_phi(L_t + v))
+    L = L_t + v
+    kernel = w * fn.kappa(L) * np.exp(fn.log_phi(L_t) - fn.log_phi(L))
     gap = np.exp(v) - np.exp(u)[:, None, None]  # <= 0
     out = np.empty((len(u), terms))
     for k in range(1, terms + 1):
-        kernel = kernel * gap / k  # gap^k / k! times the kernel
-        out[:, k - 1] = lam_t**k * kernel.sum(axis=(1, 2))
+        kernel = kernel * gap if k == 1 else kernel * gap / k  # gap^k / k! times the kernel
+        out[:, k - 1] = (lam_t if k == 1 else lam_t**k) * kernel.sum(axis=(1, 2))
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers.ddim_gmm import (
-    make_directions, mixture_noise, plan_ddim_gmm, sample_ddim_gmm,
+    make_directions, mixture_noise, plan_ddim_gmm, run_directions, sample_ddim_gmm,
 )
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
 from comfyui_fast_samplers.testbeds.mixtures import (
@@ -76,6 +76,18 @@ def test_directions_are_orthonormal_and_seeded(dim):
     torch.testing.assert_close(u @ u.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(u, make_directions(dim, 8, 3, dtype=torch.float64))
     assert not torch.equal(u, make_directions(dim, 8, 4, dtype=torch.float64))
+
+
+def test_run_directions_cache_returns_each_keys_own_directions():
+    """The one-entry cache of a run's directions gives make_directions' result for every (size, count, seed,
+    dtype), also after another key evicted it (a cache keyed without the seed or the size would hand one run's
+    directions to the next)."""
+    first = run_directions(64, 4, 1, "cpu", torch.float64)
+    assert torch.equal(first, make_directions(64, 4, 1, dtype=torch.float64))
+    for dim, count, seed, dtype in ((64, 4, 2, torch.float64), (32, 4, 1, torch.float64), (64, 2, 1, torch.float64),
+                                    (64, 4, 1, torch.float32)):
+        assert torch.equal(run_directions(dim, count, seed, "cpu", dtype), make_directions(dim, count, seed, dtype=dtype))
+    assert torch.equal(run_directions(64, 4, 1, "cpu", torch.float64), first)
 
 
 C2_STEP = torch.tensor([1.2, 0.9, 0.0], dtype=torch.float64)  # one VE step, eta = 1: c^2 = 0.354

@@ -12,18 +12,22 @@ from comfyui_fast_samplers.samplers.schedule import karras_sigmas
 from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, marginal_sample, solve_pf_ode
 
 
-@pytest.mark.parametrize("nodes", [[0.7, 0.3], [2.0, 1.1, 0.2], [5.0, 3.2, 1.0, -0.4], [1e-3, 7e-4, 2e-4, 1e-4]])
-def test_derivative_weights_are_exact_on_polynomials(nodes):
-    """Weights of P', P'', P''' at the first node reproduce the derivatives of a random polynomial of the
-    interpolation degree (and give 0 beyond it)."""
+@pytest.mark.parametrize("nodes", [[0.7, 0.3], [2.0, 1.1, 0.2], [5.0, 3.2, 1.0, -0.4], [1e-3, 7e-4, 2e-4, 1e-4],
+                                   [3.0, 2.2, 1.3, 0.9, 0.1]])
+@pytest.mark.parametrize("where", ["first node", "second node", "between nodes"])
+def test_derivative_weights_are_exact_on_polynomials(nodes, where):
+    """Weights of P', P'', P''' reproduce the derivatives of a random polynomial of the interpolation degree
+    (and give 0 beyond it) at the first node (the predictors), the second (the corrector) and between nodes:
+    the closed forms of 2-4 nodes and Fornberg's recursion (5 nodes)."""
     rng = np.random.default_rng(len(nodes))
     spread = max(nodes) - min(nodes)  # O(1) coefficients in units of the node spread: a well-posed test
     poly = np.polynomial.Polynomial(rng.normal(size=len(nodes)))
     u = (np.array(nodes) - 0.3 * spread) / spread
     values = poly(u)
-    weights = derivative_weights(nodes, nodes[0], 3)
+    at = {"first node": nodes[0], "second node": nodes[1], "between nodes": 0.6 * nodes[0] + 0.4 * nodes[1]}[where]
+    weights = derivative_weights(nodes, at, 3)
     for k in range(3):
-        expected = poly.deriv(k + 1)(u[0]) / spread ** (k + 1) if k + 1 < len(nodes) else 0.0
+        expected = poly.deriv(k + 1)((at - 0.3 * spread) / spread) / spread ** (k + 1) if k + 1 < len(nodes) else 0.0
         assert weights[k] @ values == pytest.approx(expected, rel=1e-9, abs=1e-9 / spread ** (k + 1))
 
 
