@@ -226,7 +226,8 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
         key = cache_key(VERSION, model_key, noise, holdout if isinstance(holdout, torch.Tensor) else str(holdout),
                         steps, label, sorted(options.items()), rng.schedule.parametrization, rng.sigma_min,
                         rng.sigma_max, candidates, teacher_substeps, seed, refine_trials, min_gap,
-                        repr(variants), tune_steps, tune_trials, *[part for name in sorted(stock or {}) for part in (name, stock[name])])
+                        repr(variants), tune_steps, tune_trials,
+                        *[part for name in sorted(stock or {}) for part in (name, stock[name])])
         hit = load_cached(cache_dir, key)
         if hit is not None:
             return hit

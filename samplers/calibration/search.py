@@ -182,56 +182,21 @@ def feasible(z: list[float], rng: SigmaRange, min_gap: float) -> bool:
     return all(a - b >= min_gap for a, b in zip(z[:-1], z[1:]))
 
 
-def refine(objective, z0: list[float], rng: SigmaRange, min_gap: float, budget_trials: int,
-           delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
-    """Coordinate descent on the interior z with the real sampler (``objective(z) -> error``): +-delta moves,
-    delta halved when no move helps, until min_delta or the trial budget. Returns (z, error, trials)."""
-    best_z, best = list(z0), objective(z0)
-    trials = 1
-    while delta >= min_delta and trials < budget_trials:
-        improved = False
-        for k in range(len(best_z)):
-            for sign in (1.0, -1.0):
-                if trials >= budget_trials:
-                    break
-                trial = list(best_z)
-                trial[k] += sign * delta
-                trial = _snapped(trial, rng)
-                if trial == best_z or not feasible(trial, rng, min_gap):
-                    continue
-                value = objective(trial)
-                trials += 1
-                if value < best:
-                    best_z, best, improved = trial, value, True
-                    break
-        if progress is not None:
-            progress(trials, budget_trials)
-        if not improved:
-            delta /= 2
-    return best_z, best, trials
-
-
-def _snapped(z: list[float], rng: SigmaRange) -> list[float]:
-    if rng.table is None:
-        return z
-    return rng.z(rng.sigma(torch.tensor(z, dtype=torch.float64))).tolist()
-
-
-def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], budget_trials: int,
-               delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
-    """Coordinate descent like ``refine`` for independent parameters in boxes ``bounds`` (low, high): +-delta
-    moves clipped to the box, delta halved when no move helps. Returns (x, objective(x), trials)."""
+def coordinate_descent(objective, x0: list[float], move, budget_trials: int, delta: float = 0.25,
+                       min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
+    """Minimise ``objective(x)`` by +-delta moves of one coordinate at a time (``move(x, k, step)`` returns the
+    trial point, or None where it is not allowed), delta halved when no move helps, until min_delta or the
+    trial budget. Returns (x, objective(x), trials)."""
     best_x, best = list(x0), objective(x0)
     trials = 1
     while delta >= min_delta and trials < budget_trials:
         improved = False
-        for k, (low, high) in enumerate(bounds):
+        for k in range(len(best_x)):
             for sign in (1.0, -1.0):
                 if trials >= budget_trials:
                     break
-                trial = list(best_x)
-                trial[k] = min(high, max(low, trial[k] + sign * delta))
-                if trial[k] == best_x[k]:
+                trial = move(best_x, k, sign * delta)
+                if trial is None or trial == best_x:
                     continue
                 value = objective(trial)
                 trials += 1
@@ -243,6 +208,37 @@ def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], bu
         if not improved:
             delta /= 2
     return best_x, best, trials
+
+
+def refine(objective, z0: list[float], rng: SigmaRange, min_gap: float, budget_trials: int,
+           delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
+    """``coordinate_descent`` on the interior z of a schedule with the real sampler (``objective(z) -> error``),
+    every trial snapped to the model's table and ``feasible``."""
+    def move(z, k, step):
+        trial = list(z)
+        trial[k] += step
+        trial = _snapped(trial, rng)
+        return trial if feasible(trial, rng, min_gap) else None
+
+    return coordinate_descent(objective, z0, move, budget_trials, delta, min_delta, progress)
+
+
+def _snapped(z: list[float], rng: SigmaRange) -> list[float]:
+    if rng.table is None:
+        return z
+    return rng.z(rng.sigma(torch.tensor(z, dtype=torch.float64))).tolist()
+
+
+def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], budget_trials: int,
+               delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
+    """``coordinate_descent`` for independent parameters in boxes ``bounds`` (low, high): moves clipped to the
+    box."""
+    def move(x, k, step):
+        trial = list(x)
+        trial[k] = min(bounds[k][1], max(bounds[k][0], trial[k] + step))
+        return trial
+
+    return coordinate_descent(objective, x0, move, budget_trials, delta, min_delta, progress)
 
 
 def fit_step_tuning(objective, rng: SigmaRange, sigmas: torch.Tensor, budget_trials: int,
