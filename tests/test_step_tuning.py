@@ -158,6 +158,7 @@ def test_calibrator_tunes_the_ode_and_the_tuning_generalises():
     assert tuned.holdout_error < 0.85 * plain.holdout_error, (tuned.to_text(), plain.to_text())
     tuning = StepTuning.from_option(tuned.sampler_options["step_tuning"], 5, "test")
     assert any(tuning.query_shift) and any(tuning.output_extrapolation)
+    assert "step tuning (in the SAMPLER output" in tuned.to_text() and "step tuning" not in plain.to_text()
 
 
 def test_calibrator_tunes_a_black_box_sampler_and_skips_one_with_two_calls_a_step():

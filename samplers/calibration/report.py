@@ -45,8 +45,14 @@ class CalibrationReport:
                          f"{self.holdout_error / max(self.calibration_error, 1e-30):.2f})")
         if self.teacher_error is not None:
             lines.append(f"teacher error (estimate): {self.teacher_error:.3g}")
-        if self.sampler_options:
-            lines.append("sampler options chosen: " + ", ".join(f"{k}={v}" for k, v in self.sampler_options.items()))
+        plain = {k: v for k, v in self.sampler_options.items() if k != "step_tuning"}
+        if plain:
+            lines.append("sampler options chosen: " + ", ".join(f"{k}={v}" for k, v in plain.items()))
+        tuning = self.sampler_options.get("step_tuning")
+        if tuning:
+            lines.append("step tuning (in the SAMPLER output; for this schedule only): query shifts "
+                         + ", ".join(f"{v:+.3f}" for v in tuning["query_shift"]) + "; output extrapolations "
+                         + ", ".join(f"{v:+.3f}" for v in tuning["output_extrapolation"]))
         calls = ", ".join(f"{k} {v}" for k, v in self.model_calls.items())
         lines.append(f"model calls (batched): {sum(self.model_calls.values())} ({calls}); {self.seconds:.1f} s")
         lines += [f"warning: {w}" for w in self.warnings]
