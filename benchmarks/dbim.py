@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from comfyui_fast_samplers.samplers.adm_unet import ADM_CONFIGS, ADMUNet, build_adm_unet
-from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
+from comfyui_fast_samplers.samplers.bridges.adm_unet import ADM_CONFIGS, ADMUNet, build_adm_unet
+from comfyui_fast_samplers.samplers.bridges.schedule import SCHEDULE_PRESETS, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
 from comfyui_fast_samplers.testbeds.bridges import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, toy_pairs, train_toy_bridge,
 )
 from comfyui_fast_samplers.samplers.common import seeded_noise_sampler
-from comfyui_fast_samplers.samplers.dbim import (
+from comfyui_fast_samplers.samplers.bridges.dbim import (
     BRIDGE_PRESETS, METADATA_KEY, BridgeDenoiser, detect_preset, load_bridge_checkpoint, sample_dbim, sample_ddbm_heun,
 )
 from comfyui_fast_samplers.testbeds.mixtures import exact_w2

@@ -1,19 +1,19 @@
 """Bridge nodes: image-to-image translation and inpainting with DDBM / DBIM checkpoints (DBIM,
 high-order DBIM, DDBM Heun), encoding to booting noise, interpolation, and pre-processing helpers.
-The loader is in dbim_loader.py; the tensor preprocessing in samplers/bridge_images.py."""
+The loader is in dbim_loader.py; the tensor preprocessing in samplers/bridges/images.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..samplers.bridge import SPACINGS, dbim_steps_for_nfe
-from ..samplers.bridge_images import (
+from ..samplers.bridges.schedule import SPACINGS, dbim_steps_for_nfe
+from ..samplers.bridges.images import (
     SIZE_MODES, bridge_mask, centre_mask, edge_map, fit_target, fit_to_model, hole_preview, image_to_bridge,
     latent_noise, normal_map_condition, paste_known_pixels, work_dtype,
 )
-from ..samplers.bridge_images import bridge_to_image as _bridge_to_image
-from ..samplers.dbim import (
+from ..samplers.bridges.images import bridge_to_image as _bridge_to_image
+from ..samplers.bridges.dbim import (
     SAMPLERS, BridgeDenoiser, bridge_nfe, check_finite, encode_dbim, interpolate_dbim, row_seeded_noise, sample_bridge,
 )
 from .comfy_io import PREFIX, io, mark_advanced

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..samplers.bridge import SCHEDULE_PRESETS, BridgeSchedule
-from ..samplers.bridge_checkpoints import (
+from ..samplers.bridges.schedule import SCHEDULE_PRESETS, BridgeSchedule
+from ..samplers.bridges.checkpoints import (
     BRIDGE_PRESET_NAMES, BridgePreset, bridge_presets, detect_preset, load_bridge_checkpoint, save_bridge_safetensors,
 )
 from .comfy_io import CATEGORY, PREFIX, io, mark_advanced
@@ -92,7 +92,7 @@ class BridgeModelLoader(io.ComfyNode):
                 attention_order) -> io.NodeOutput:
         import folder_paths
 
-        from ..samplers.adm_unet import build_adm_unet, infer_adm_config
+        from ..samplers.bridges.adm_unet import build_adm_unet, infer_adm_config
 
         if dtype not in DTYPES or preset not in ("auto", "custom", *BRIDGE_PRESET_NAMES):
             raise ValueError(f"Bridge Model Loader: unknown dtype {dtype!r} or preset {preset!r}.")

@@ -3,10 +3,10 @@ from .schedule import NoiseSchedule, resolve_schedule
 from .er_sde import sample_er_sde, NOISE_FUNCTIONS
 from .classic import sample_euler, sample_heun, sample_dpmpp_2m
 from .ddim_gmm import sample_ddim_gmm
-from .bridge import BridgeSchedule
-from .bridge_denoiser import BridgeDenoiser
-from .dbim import encode_dbim, interpolate_dbim, sample_dbim
-from .ddbm import sample_ddbm_heun
+from .bridges.schedule import BridgeSchedule
+from .bridges.denoiser import BridgeDenoiser
+from .bridges.dbim import encode_dbim, interpolate_dbim, sample_dbim
+from .bridges.ddbm import sample_ddbm_heun
 from .dp_schedule import optimize_schedule
 from .presets import SAMPLERS
 from .calibration import CalibrationReport, calibrate_schedule

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..samplers.bridge import BridgeSchedule
+from ..samplers.bridges.schedule import BridgeSchedule
 from .mixtures import GaussianMixture
 
 _EPS_VAR = 1e-24  # keeps V_k invertible at t = T, where b = c = 0 (the weights then equal w_k)
@@ -210,7 +210,7 @@ def fill_colours(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def toy_adm_config():
     """The toy UNet's structure (``adm_unet.TOY_ADM_CONFIG``, which the toy preset uses)."""
-    from ..samplers.adm_unet import TOY_ADM_CONFIG
+    from ..samplers.bridges.adm_unet import TOY_ADM_CONFIG
 
     assert TOY_ADM_CONFIG.image_size == TOY_SIZE
     return TOY_ADM_CONFIG
@@ -223,8 +223,8 @@ def train_toy_bridge(steps: int = 1500, batch: int = 32, lr: float = 1e-3, seed:
     import copy
     import time
 
-    from ..samplers.adm_unet import ADMUNet
-    from ..samplers.bridge import SCHEDULE_PRESETS
+    from ..samplers.bridges.adm_unet import ADMUNet
+    from ..samplers.bridges.schedule import SCHEDULE_PRESETS
 
     sched = SCHEDULE_PRESETS["vp"]
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG

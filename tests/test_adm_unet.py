@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_fast_samplers.samplers.adm_unet import (
+from comfyui_fast_samplers.samplers.bridges.adm_unet import (
     ADM_CONFIGS, ADMConfig, ADMUNet, build_adm_unet, infer_adm_config, matching_preset, parameter_count,
     squeeze_attention_kernels,
 )

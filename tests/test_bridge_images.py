@@ -1,4 +1,4 @@
-"""The bridge nodes' preprocessing (samplers/bridge_images.py), the Bridge Sampler's dispatch
+"""The bridge nodes' preprocessing (samplers/bridges/images.py), the Bridge Sampler's dispatch
 (samplers/dbim.sample_bridge), and that importing the samplers loads no test bed, network or einops."""
 import subprocess
 import sys
@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS, heun_nfe
-from comfyui_fast_samplers.samplers.bridge_images import (
+from comfyui_fast_samplers.samplers.bridges.schedule import SCHEDULE_PRESETS, heun_nfe
+from comfyui_fast_samplers.samplers.bridges.images import (
     bridge_mask, bridge_to_image, centre_mask, diode_normal_rendering, edge_map, fit_target, fit_to_model,
     hole_preview, image_to_bridge, latent_noise, normal_map_condition, paste_known_pixels,
 )
-from comfyui_fast_samplers.samplers.dbim import bridge_nfe, sample_bridge, sample_dbim, sample_ddbm_heun
+from comfyui_fast_samplers.samplers.bridges.dbim import bridge_nfe, sample_bridge, sample_dbim, sample_ddbm_heun
 
 F64 = torch.float64
 
@@ -210,11 +210,11 @@ def test_sample_bridge_checks_its_options():
 
 def test_importing_the_samplers_loads_no_test_bed_network_or_einops():
     heavy = ["comfyui_fast_samplers.testbeds.bridges", "comfyui_fast_samplers.testbeds.mixtures",
-             "comfyui_fast_samplers.samplers.adm_unet", "einops"]
-    code = ("import sys, comfyui_fast_samplers.samplers, comfyui_fast_samplers.samplers.bridge_images\n"
-            "from comfyui_fast_samplers.samplers.dbim import BRIDGE_PRESET_NAMES\n"
+             "comfyui_fast_samplers.samplers.bridges.adm_unet", "einops"]
+    code = ("import sys, comfyui_fast_samplers.samplers, comfyui_fast_samplers.samplers.bridges.images\n"
+            "from comfyui_fast_samplers.samplers.bridges.dbim import BRIDGE_PRESET_NAMES\n"
             f"print([m for m in {heavy!r} if m in sys.modules])\n"
-            "from comfyui_fast_samplers.samplers.dbim import BRIDGE_PRESETS\n"  # the compatibility name still works
+            "from comfyui_fast_samplers.samplers.bridges.dbim import BRIDGE_PRESETS\n"  # the compatibility name still works
             "print(tuple(BRIDGE_PRESETS) == BRIDGE_PRESET_NAMES)\n"
             f"print([m for m in {heavy[:2]!r} if m in sys.modules])")  # the presets (UNet configs) need no test bed
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

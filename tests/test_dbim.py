@@ -7,17 +7,17 @@ import pytest
 import torch
 from sync_counter import CountSyncs
 
-from comfyui_fast_samplers.samplers.bridge import (
+from comfyui_fast_samplers.samplers.bridges.schedule import (
     SCHEDULE_PRESETS, BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe,
 )
-from comfyui_fast_samplers.samplers.adm_unet import build_adm_unet, infer_adm_config
+from comfyui_fast_samplers.samplers.bridges.adm_unet import build_adm_unet, infer_adm_config
 from comfyui_fast_samplers.testbeds.bridges import (
     TOY_PALETTE, ExactBridgeModel, default_joint_mixture, fill_colours, solve_bridge_ode, toy_pairs,
 )
-from comfyui_fast_samplers.samplers.bridge_checkpoints import detect_preset, load_bridge_checkpoint, save_bridge_safetensors
-from comfyui_fast_samplers.samplers.bridge_denoiser import BridgeDenoiser
-from comfyui_fast_samplers.samplers.dbim import encode_dbim, interpolate_dbim, plan_dbim, row_seeded_noise, sample_dbim, slerp
-from comfyui_fast_samplers.samplers.ddbm import _drift, sample_ddbm_heun
+from comfyui_fast_samplers.samplers.bridges.checkpoints import detect_preset, load_bridge_checkpoint, save_bridge_safetensors
+from comfyui_fast_samplers.samplers.bridges.denoiser import BridgeDenoiser
+from comfyui_fast_samplers.samplers.bridges.dbim import encode_dbim, interpolate_dbim, plan_dbim, row_seeded_noise, sample_dbim, slerp
+from comfyui_fast_samplers.samplers.bridges.ddbm import _drift, sample_ddbm_heun
 from comfyui_fast_samplers.testbeds.mixtures import exact_w2
 
 F64 = torch.float64

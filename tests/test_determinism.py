@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers import SAMPLERS
-from comfyui_fast_samplers.samplers.bridge import SCHEDULE_PRESETS
+from comfyui_fast_samplers.samplers.bridges.schedule import SCHEDULE_PRESETS
 from comfyui_fast_samplers.testbeds.bridges import ExactBridgeModel, default_joint_mixture
 from comfyui_fast_samplers.samplers.common import seeded_noise_sampler, step_noise_seed
-from comfyui_fast_samplers.samplers.dbim import sample_dbim, sample_ddbm_heun
+from comfyui_fast_samplers.samplers.bridges.dbim import sample_dbim, sample_ddbm_heun
 from comfyui_fast_samplers.samplers.dp_schedule import optimize_schedule
 from comfyui_fast_samplers.samplers.dpm_ot import fit_ot_map, junction_schedule, pool_from_clean, sample_dpm_ot
 from comfyui_fast_samplers.samplers.er_sde import sample_er_sde

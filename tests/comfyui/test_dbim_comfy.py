@@ -126,7 +126,7 @@ def test_loader_reads_a_pt_copy_and_explains_unreadable_files(bridge_env, run_pr
     message naming the file, never a hint to load with weights_only=False."""
     import folder_paths
 
-    from comfyui_fast_samplers.samplers.dbim import load_bridge_checkpoint
+    from comfyui_fast_samplers.samplers.bridges.dbim import load_bridge_checkpoint
 
     models = Path(folder_paths.get_folder_paths("fs_bridge_models")[-1])
     state_dict, _ = load_bridge_checkpoint(ASSET)

@@ -7,8 +7,8 @@ is exact). Every DBIM step is ``x <- k x + cT x_T + w0 x0_s + w1 x0_u1 + w2 x0_u
 float64 scalars computed once per run (``plan_dbim``); the loops only call the denoiser and do
 axpy updates. Spec: shared/specs/dbim.md sections 3, 4.
 
-The bridge family's other rooms: ``bridge.py`` (schedules, grids), ``bridge_denoiser.py`` (how a
-denoiser is called), ``ddbm.py`` (DDBM Heun), ``bridge_checkpoints.py`` (presets, checkpoint files),
+The bridge family's other rooms (``samplers/bridges/``): ``schedule.py`` (schedules, grids), ``denoiser.py``
+(how a denoiser is called), ``ddbm.py`` (DDBM Heun), ``checkpoints.py`` (presets, checkpoint files),
 ``adm_unet.py`` (the network). Their public names are importable from here too.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bridge import BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
-from .bridge_checkpoints import (  # noqa: F401  (re-exported: the bridge nodes import them from here)
+from .schedule import BridgeSchedule, dbim_steps_for_nfe, heun_nfe, heun_steps_for_nfe
+from .checkpoints import (  # noqa: F401  (re-exported: the bridge nodes import them from here)
     BRIDGE_PRESET_NAMES, METADATA_KEY, TASKS, BridgePreset, bridge_presets, detect_preset, load_bridge_checkpoint,
     save_bridge_safetensors,
 )
-from .bridge_denoiser import BridgeDenoiser, bridge_times, check_finite, masked, time_dtype  # noqa: F401
-from .common import report, row_seeded_noise
+from .denoiser import BridgeDenoiser, bridge_times, check_finite, masked, time_dtype  # noqa: F401
+from ..common import report, row_seeded_noise
 from .ddbm import _drift, sample_ddbm_heun  # noqa: F401
-from .multistep import StepRow, derivative_weights, run_rows
+from ..multistep import StepRow, derivative_weights, run_rows
 
 SAMPLERS = ("dbim", "dbim_high_order", "ddbm_heun")
 

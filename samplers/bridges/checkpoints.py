@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .bridge import BridgeSchedule
+from .schedule import BridgeSchedule
 
 if TYPE_CHECKING:
     from .adm_unet import ADMConfig
@@ -52,7 +52,7 @@ BRIDGE_PRESET_NAMES = ("e2h", "diode", "imagenet_inpaint", "toy_shapes16")  # th
 def bridge_presets() -> dict[str, BridgePreset]:
     """The released models' presets and the toy model's, built on first use (imports the UNet configs)."""
     from .adm_unet import ADM_CONFIGS, TOY_ADM_CONFIG
-    from .bridge import SCHEDULE_PRESETS
+    from .schedule import SCHEDULE_PRESETS
 
     presets = {
         "e2h": BridgePreset("e2h", ADM_CONFIGS["e2h"], SCHEDULE_PRESETS["vp"], "translate", "bicubic"),
@@ -79,7 +79,7 @@ def detect_preset(state_dict: dict, metadata: dict | None = None) -> BridgePrese
     model) with this structure, else a custom preset from the inferred structure (label_emb -> ImageNet-style
     i2sb inpainting with legacy attention, otherwise a VP translation model with the DDBM attention order)."""
     from .adm_unet import infer_adm_config, matching_preset
-    from .bridge import SCHEDULE_PRESETS
+    from .schedule import SCHEDULE_PRESETS
 
     if metadata and METADATA_KEY in metadata:
         return BridgePreset.from_json(metadata[METADATA_KEY])
@@ -133,7 +133,7 @@ def save_bridge_safetensors(state_dict: dict, path: str, preset: BridgePreset) -
     """Write ``path`` atomically and never over an existing file (False if it exists). Attention
     kernels are stored squeezed (Conv1d); the preset goes into the metadata."""
     from .adm_unet import squeeze_attention_kernels
-    from .files import atomic_save_safetensors
+    from ..files import atomic_save_safetensors
 
     try:
         atomic_save_safetensors(squeeze_attention_kernels(state_dict), path, metadata={METADATA_KEY: preset.to_json()})

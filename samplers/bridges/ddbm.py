@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from .bridge import BridgeSchedule
-from .bridge_denoiser import bridge_times, check_finite, masked
-from .common import progress, report, row_seeded_noise
+from .schedule import BridgeSchedule
+from .denoiser import bridge_times, check_finite, masked
+from ..common import progress, report, row_seeded_noise
 
 
 def _drift(schedule: BridgeSchedule, ts, stochastic: bool):

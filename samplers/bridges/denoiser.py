@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .bridge import BridgeSchedule
+from .schedule import BridgeSchedule
 
 
 def check_finite(x: torch.Tensor, who: str, what: str = "condition image") -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import karras_sigmas
+from ..schedule import karras_sigmas
 
 BRIDGE_KINDS = ("vp", "ve", "i2sb")
 SPACINGS = ("uniform_t", "karras")  # how DBIM places its times (the option ``spacing``)
