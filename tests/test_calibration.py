@@ -91,12 +91,15 @@ def test_small_batch_overfits_and_the_report_says_so():
 
 def test_cache_hit_makes_no_model_call(tmp_path):
     model = ExactModel(default_mixture(), "ve")
-    first, _ = calibrate_schedule(model, _noise(16), 3, "dpmpp_2m", **VE, **FAST, cache_dir=tmp_path,
-                                  model_key="exact-2d")
+    fast = dict(FAST, holdout=0)
+    first, fresh = calibrate_schedule(model, _noise(16), 3, "dpmpp_2m", **VE, **fast, cache_dir=tmp_path,
+                                      model_key="exact-2d")
     calls = model.calls
-    second, report = calibrate_schedule(model, _noise(16), 3, "dpmpp_2m", **VE, **FAST, cache_dir=tmp_path,
+    second, report = calibrate_schedule(model, _noise(16), 3, "dpmpp_2m", **VE, **fast, cache_dir=tmp_path,
                                         model_key="exact-2d")
     assert model.calls == calls and report.cached and torch.equal(first, second)
+    # the step tuning (kept here: no hold-out to drop it) comes back from the file as it went in
+    assert "step_tuning" in fresh.sampler_options and report.sampler_options == fresh.sampler_options
     calibrate_schedule(model, _noise(16), 4, "dpmpp_2m", **VE, **FAST, cache_dir=tmp_path, model_key="exact-2d")
     assert model.calls > calls  # another step count is another entry
     with pytest.raises(ValueError, match="model_key"):
