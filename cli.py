@@ -16,6 +16,7 @@ from .samplers import (
     calibrate_schedule, fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m,
     sample_er_sde, sample_euler, sample_heun,
 )
+from .samplers.files import free_path
 from .samplers.er_sde import PRESETS as ER_SDE_PRESETS
 from .samplers.schedule import flow_shift_sigmas, karras_sigmas
 from .testbeds.mixtures import (
@@ -148,15 +149,6 @@ def format_tables(results, floors, nfes) -> str:
     return "\n".join(lines)
 
 
-def unique_path(path: Path) -> Path:
-    """Never overwrite an existing file: add -1, -2, ... before the suffix."""
-    candidate, k = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
-        k += 1
-    return candidate
-
-
 def entry_is_calibrated(label: str) -> bool:
     return any(e.label == label and e.calibrated for e in SAMPLERS)
 
@@ -186,7 +178,7 @@ def write_plot(results, nfes, path: Path) -> Path | None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = unique_path(path)
+    path = free_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)

@@ -56,8 +56,19 @@ def atomic_write_text(path, text: str) -> Path:
     return path
 
 
+def free_path(path) -> Path:
+    """``path`` if no file is there, else the first free ``stem-1.suffix``, ``stem-2.suffix``... (a name the
+    user chose: it is kept where it can be)."""
+    path = Path(path)
+    candidate, k = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
+
+
 def unused_path(folder, prefix: str, suffix: str = ".safetensors") -> Path:
-    """``folder/prefix_00001.safetensors``, the first number not yet taken."""
+    """``folder/prefix_00001.safetensors``, the first number not yet taken (ComfyUI's save-prefix style)."""
     folder = Path(folder)
     n = 1
     while (folder / f"{prefix}_{n:05d}{suffix}").exists():

@@ -53,3 +53,13 @@ def test_text_writer_replaces_whole_files_and_leaves_no_temp_on_failure(tmp_path
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(path, "half\n")
     assert path.read_text() == "new\n" and sorted(p.name for p in path.parent.iterdir()) == ["results.md"]
+
+
+def test_free_path_keeps_a_free_name_and_never_returns_a_taken_one(tmp_path):
+    from comfyui_fast_samplers.samplers.files import free_path
+
+    target = tmp_path / "plot.png"
+    assert free_path(target) == target
+    target.write_bytes(b"a")
+    (tmp_path / "plot-1.png").write_bytes(b"b")
+    assert free_path(target) == tmp_path / "plot-2.png"
