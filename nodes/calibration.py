@@ -75,10 +75,11 @@ class ScheduleCalibrator(io.ComfyNode):
                 "Finds the step schedule (SIGMAS) that makes your sampler closest to your model's own accurate "
                 "solution at few steps (5-10), for this model, prompt, cfg and latent size. No images needed: it "
                 "solves the model accurately from a few noises (the teacher), searches the steps the sampler "
-                "should take, and reports the error next to karras, normal, beta, AYS... on fresh noises. The "
-                "result is cached: the next Run with the same inputs costs nothing. Use its SIGMAS and SAMPLER "
-                "outputs in SamplerCustom(Advanced). Deterministic samplers only (euler, dpmpp_2m, uni_pc, ipndm, "
-                "the pack's ODE presets...)."
+                "should take, tunes two numbers per step for them (tune steps), and reports the error next to "
+                "karras, normal, beta, AYS... on fresh noises. The result is cached: the next Run with the same "
+                "inputs costs nothing. Use its SIGMAS and SAMPLER outputs together in SamplerCustom(Advanced) (the "
+                "SAMPLER carries the tuning for these SIGMAS). Deterministic samplers only (euler, dpmpp_2m, "
+                "uni_pc, ipndm, the pack's ODE presets...)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model you will sample with (LoRAs and patches included)."),
