@@ -14,7 +14,7 @@ import torch
 
 from .samplers import (
     calibrate_schedule, fit_ot_map, junction_schedule, pool_from_clean, sample_ddim_gmm, sample_dpm_ot, sample_dpmpp_2m,
-    sample_er_sde, sample_euler, sample_heun,
+    sample_er_sde, sample_euler, sample_heun, sample_tuned,
 )
 from .samplers.files import free_path
 from .samplers.er_sde import PRESETS as ER_SDE_PRESETS
@@ -103,11 +103,13 @@ def run_comparison(nfes=(5, 10, 20, 50), samples=20_000, ode_samples=2_000, seed
                 steps = entry.steps_for(nfe)
                 sigmas = _schedule(kind, steps) if entry.junction is None else junction_schedule(
                     lambda total: _schedule(kind, total), steps, entry.junction[kind])
-                run_options = options
+                run_fn, run_options = entry.fn, options
                 if entry.calibrated:
                     sigmas, report = _calibrated(entry.calibrated, kind, model, steps, start, sigma_min, seed)
                     run_options = {**options, **report.sampler_options}
-                out = entry.fn(model, start_x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **run_options)
+                    if "step_tuning" in run_options:  # as the node's SAMPLER output runs it
+                        run_fn, run_options = sample_tuned, {"sampler": entry.fn, **run_options}
+                out = run_fn(model, start_x.clone(), sigmas, extra_args={"seed": seed}, disable=True, **run_options)
                 ode_err = float((out[:ode_samples] - ode_ref).norm(dim=1).mean()) if entry.deterministic else None
                 row[nfe] = (ode_err, sliced_w2(out, data), mode_weight_error(out, mixture))
             results[kind][entry.label] = row

@@ -46,7 +46,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -58,6 +57,7 @@ import torch
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde
 from comfyui_fast_samplers.samplers.er_sde import make_noise_function, plan_er_sde
+from comfyui_fast_samplers.samplers.files import atomic_write_text
 from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, karras_sigmas
 from comfyui_fast_samplers.testbeds.mixtures import (
     ExactModel, default_mixture, gaussian_w2, marginal_sample, mode_weight_error, sliced_w2, solve_pf_ode,
@@ -597,16 +597,7 @@ def write_report(path, args, entries, results, floors, outputs, overhead, notes,
         lines.append("")
     if caught:
         lines += ["## Warnings raised during the accuracy runs", ""] + [f"- `{w}`" for w in caught] + [""]
-    text = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".md", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None) -> int:

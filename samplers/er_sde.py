@@ -23,7 +23,6 @@ from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-
     taylor_coefficients, taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
 )
 from .schedule import NoiseSchedule
-from .step_tuning import check_calls, tuned_model
 
 
 # ---- the plan: one row of float64 scalars per step -------------------------------------------
@@ -327,7 +326,6 @@ def sample_er_sde(
     noise_sampler=None,
     corrector: bool = False,
     flow_form: str | None = None,
-    step_tuning: dict | None = None,
     *,
     p: float | None = None,
     a: float | None = None,
@@ -344,10 +342,10 @@ def sample_er_sde(
     ``corrector`` (ODE only): each state corrected with the model output taken there (UniC-style; no extra
     call, one order more). ``flow_form`` (flow models, ODE): the variable the denoiser is interpolated in,
     'lambda' (sigma / (1 - sigma)), 'sigma', or 'hybrid' (sigma on the steps whose history holds sigma = 1, then
-    lambda; the ODE's default). ``step_tuning``: per-step query shifts and output extrapolations fitted
-    by the schedule calibrator for its SIGMAS (``step_tuning``). ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from the ComfyUI
-    model. ``noise``: 'gaussian' (ComfyUI's seeded per-step stream) or 'brownian' (one Brownian path per seed
-    whatever the step count; needs torchsde); ``noise_sampler(sigma, sigma_next)`` overrides both."""
+    lambda; the ODE's default). ``parametrization`` 've' | 'vp' | 'flow' overrides the type read from
+    the ComfyUI model. ``noise``: 'gaussian' (ComfyUI's seeded per-step stream) or 'brownian' (one Brownian
+    path per seed whatever the step count; needs torchsde); ``noise_sampler(sigma, sigma_next)`` overrides both.
+    Per-step tuning from the calibrator runs through ``step_tuning.sample_tuned``."""
     extra_args = {} if extra_args is None else extra_args
     schedule, sig, _ = setup_run(model, x, sigmas, "ER-SDE", parametrization)
     fn = check_options(order, derivatives, quadrature, flow_start, final_step, s_noise, noise, noise_fn, eta, power,
@@ -360,12 +358,5 @@ def sample_er_sde(
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:
             noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
-    tuned = None
-    if step_tuning is not None:
-        calls = sum(r.evaluate for r in plan.rows)
-        model = tuned = tuned_model(model, step_tuning, float(sig[0]), calls, schedule, "ER-SDE")
     device_sigmas = plan.model_sigmas.to(torch.as_tensor(sigmas).dtype, copy=True)  # the cached plan's stays as is
-    out = run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)
-    if tuned is not None:
-        check_calls(tuned, calls, "ER-SDE")
-    return out
+    return run_rows(model, x, plan.rows, extra_args, callback, disable, noise_sampler, model_sigmas=device_sigmas)

@@ -11,7 +11,8 @@ Two small sets of numbers, one per model call i of a run (``StepTuning``):
 Both are applied by ``TunedModel``, a wrapper of the model that counts its calls, so they work with any
 sampler that calls the model once per step, in order (the pack's ODE presets, ComfyUI's euler, dpmpp_2m,
 ipndm, deis, uni_pc, gradient_estimation...; the calibrator checks this before tuning). ``sample_tuned``
-is a sampler function (k-diffusion convention) that runs another one through it. Both sets are 0 for the
+is a sampler function (k-diffusion convention) that runs another one through it: the one way to run a
+sampler with its tuning. Both sets are 0 for the
 plain sampler and only make sense for the schedule they were fitted on: another step count is refused.
 """
 from __future__ import annotations
@@ -87,36 +88,28 @@ class TunedModel:
         return getattr(self.model, name)
 
 
-def tuned_model(model, step_tuning, start_sigma: float, steps: int, schedule: NoiseSchedule,
-                who: str) -> TunedModel:
-    """``TunedModel`` for a run of ``steps`` model calls from ``start_sigma`` (checked once, before the run)."""
-    tuning = StepTuning.from_option(step_tuning, steps, who)
-    if tuning.query_shift and tuning.query_shift[0] != 0.0 and schedule.is_flow and start_sigma >= 1.0:
-        raise ValueError(f"{who}: step_tuning query_shift[0] must be 0 on a flow model started at sigma = 1 "
-                         "(log lam is infinite there).")
-    return TunedModel(model, tuning, schedule)
-
-
-def check_calls(tuned: TunedModel, steps: int, who: str) -> None:
-    if tuned.calls != steps:
-        raise ValueError(f"{who}: the sampler called the model {tuned.calls} times for {steps} steps; step tuning "
-                         "needs a sampler that calls it once per step (euler, dpmpp_2m, ipndm, uni_pc, the pack's "
-                         "ODE presets...).")
-
-
 @torch.no_grad()
 def sample_tuned(model, x, sigmas, extra_args=None, callback=None, disable=None, sampler=None, step_tuning=None,
                  **options):
     """Runs ``sampler`` (any k-diffusion-convention function, with ``options``) with ``step_tuning`` (a
-    calibrator result, ``StepTuning.from_option``): what the Schedule Calibrator's SAMPLER output runs."""
+    calibrator result, ``StepTuning.from_option``) through ``TunedModel``: what the Schedule Calibrator's
+    SAMPLER output runs. Refused before the run for another step count, after it when the sampler did not
+    call the model once per step."""
     who = "Tuned sampler"
     if not callable(sampler):
         raise ValueError(f"{who}: 'sampler' must be a sampler function.")
     steps = len(sigmas) - 1
-    tuned = tuned_model(model, step_tuning, float(sigmas[0]), steps,
-                        resolve_schedule(model, options.get("parametrization")), who)
+    tuning = StepTuning.from_option(step_tuning, steps, who)
+    schedule = resolve_schedule(model, options.get("parametrization"))
+    if tuning.query_shift and tuning.query_shift[0] != 0.0 and schedule.is_flow and float(sigmas[0]) >= 1.0:
+        raise ValueError(f"{who}: step_tuning query_shift[0] must be 0 on a flow model started at sigma = 1 "
+                         "(log lam is infinite there).")
+    tuned = TunedModel(model, tuning, schedule)
     out = sampler(tuned, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
-    check_calls(tuned, steps, who)
+    if tuned.calls != steps:
+        raise ValueError(f"{who}: the sampler called the model {tuned.calls} times for {steps} steps; step tuning "
+                         "needs a sampler that calls it once per step (euler, dpmpp_2m, ipndm, uni_pc, the pack's "
+                         "ODE presets...).")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Per-step tuning of the ER ODE (``step_tuning``: query shifts and output extrapolations) against an
+"""Per-step tuning (``step_tuning``, run through ``sample_tuned``: query shifts and output extrapolations) against an
 independent reference: a model wrapper that does the same by call index around the untuned sampler; and
 the calibrator's use of it on the exact 2-D model."""
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers import calibrate_schedule, sample_er_sde, sample_tuned
-from comfyui_fast_samplers.samplers.schedule import NoiseSchedule, flow_shift_sigmas, karras_sigmas
+from comfyui_fast_samplers.samplers.schedule import flow_shift_sigmas, karras_sigmas
 from comfyui_fast_samplers.samplers.step_tuning import StepTuning, query_shift_bounds
 from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture
 
@@ -68,14 +68,14 @@ def test_tuning_equals_the_by_call_reference(kind):
     reference = ByCall(model, shifted, gammas)
     expected = sample_er_sde(reference, x.clone(), sigmas.clone(), **ODE)
     recorder = ByCall(model, lambda i, s: s, [0.0] * steps)
-    tuned = sample_er_sde(recorder, x.clone(), sigmas.clone(), **ODE,
-                          step_tuning={"query_shift": shifts, "output_extrapolation": gammas})
+    tuned = sample_tuned(recorder, x.clone(), sigmas.clone(), sampler=sample_er_sde, **ODE,
+                         step_tuning={"query_shift": shifts, "output_extrapolation": gammas})
     assert recorder.asked == pytest.approx(reference.asked, rel=1e-12)
     torch.testing.assert_close(tuned, expected, rtol=1e-12, atol=1e-12)
     plain = sample_er_sde(model, x.clone(), sigmas.clone(), **ODE)
     assert (tuned - plain).abs().max() > 1e-3  # the tuning changes the result
-    zeros = sample_er_sde(model, x.clone(), sigmas.clone(), **ODE,
-                          step_tuning={"query_shift": [0.0] * steps, "output_extrapolation": [0.0] * steps})
+    zeros = sample_tuned(model, x.clone(), sigmas.clone(), sampler=sample_er_sde, **ODE,
+                         step_tuning={"query_shift": [0.0] * steps, "output_extrapolation": [0.0] * steps})
     assert torch.equal(zeros, plain)
 
 
@@ -83,17 +83,21 @@ def test_bad_tuning_is_refused():
     model = ExactModel(default_mixture(), "ve")
     sigmas = karras_sigmas(4, 0.03, 14.6)
     x = _noise(4) * 14.6
+
+    def run(tuning, model=model, x=x, sigmas=sigmas):
+        return sample_tuned(model, x, sigmas, sampler=sample_er_sde, **ODE, step_tuning=tuning)
+
     with pytest.raises(ValueError, match="3 values for a schedule of 4 steps"):
-        sample_er_sde(model, x, sigmas, **ODE, step_tuning={"query_shift": [0.1, 0.0, 0.0]})
+        run({"query_shift": [0.1, 0.0, 0.0]})
     with pytest.raises(ValueError, match=r"output_extrapolation\[0\] must be 0"):
-        sample_er_sde(model, x, sigmas, **ODE, step_tuning={"output_extrapolation": [0.1, 0.0, 0.0, 0.0]})
+        run({"output_extrapolation": [0.1, 0.0, 0.0, 0.0]})
     with pytest.raises(ValueError, match="must be a dict"):
-        sample_er_sde(model, x, sigmas, **ODE, step_tuning={"shift": [0.0] * 4})
+        run({"shift": [0.0] * 4})
     with pytest.raises(ValueError, match="non-finite"):
-        sample_er_sde(model, x, sigmas, **ODE, step_tuning={"query_shift": [0.0, math.nan, 0.0, 0.0]})
+        run({"query_shift": [0.0, math.nan, 0.0, 0.0]})
     with pytest.raises(ValueError, match="started at sigma = 1"):
-        sample_er_sde(ExactModel(default_mixture(), "flow"), x / 14.6, flow_shift_sigmas(4, 3.0), **ODE,
-                      step_tuning={"query_shift": [0.1, 0.0, 0.0, 0.0]})
+        run({"query_shift": [0.1, 0.0, 0.0, 0.0]}, ExactModel(default_mixture(), "flow"), x / 14.6,
+            flow_shift_sigmas(4, 3.0))
 
 
 def _euler(model, x, sigmas, extra_args=None, callback=None, disable=None):

@@ -206,7 +206,7 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     ``tune_steps`` (samplers that call the model once per step): then fit per-step query shifts and output
     extrapolations for the schedule (``step_tuning``; ``tune_trials`` runs, default 4 x candidates), kept in
     ``sampler_options`` only where they lower the error (on the hold-out noises when there are any); run a
-    sampler with them through ``step_tuning.sample_tuned`` (the pack's ER samplers take the option directly).
+    sampler with them through ``step_tuning.sample_tuned``, as the node's SAMPLER output does.
     ``progress(stage, done, total)`` may raise to stop (nothing is written then). ``cache_dir`` +
     ``model_key`` (a string naming the model, conditioning and cfg): results are stored there, and the same
     call again returns them without a model call."""
