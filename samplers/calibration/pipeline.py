@@ -203,10 +203,11 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     (default: as many as ``noise``). ``stock``: {name: SIGMAS} to compare with (default karras / log-SNR
     uniform). ``variants``: option dicts for a pack sampler to try (default ``default_variants``: the final
     steps and, on flow models, the ODE's sigma form); the best goes into the report's ``sampler_options``.
-    ``tune_steps`` (samplers that call the model once per step): then fit per-step query shifts and output
-    extrapolations for the schedule (``step_tuning``; ``tune_trials`` runs, default 4 x candidates), kept in
-    ``sampler_options`` only where they lower the error (on the hold-out noises when there are any); run a
-    sampler with them through ``step_tuning.sample_tuned``, as the node's SAMPLER output does.
+    ``tune_steps`` (samplers that call the model once per step): then fit per-step query shifts and output and
+    noise extrapolations (``step_tuning``), first for the schedule, then together with it (``tune_trials``
+    runs, default 10 x candidates), kept in ``sampler_options`` only where they lower the error (on the
+    hold-out noises when there are any: else the schedule before the tuning is returned); run a sampler with
+    them through ``step_tuning.sample_tuned``, as the node's SAMPLER output does.
     ``progress(stage, done, total)`` may raise to stop (nothing is written then). ``cache_dir`` +
     ``model_key`` (a string naming the model, conditioning and cfg): results are stored there, and the same
     call again returns them without a model call."""
@@ -330,16 +331,18 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     check_sigmas(sigmas, steps, who)
     end("refine")
 
-    untuned = None
+    untuned = None  # (options, sigmas) without the tuning, for the hold-out check
     if tune_steps and once_per_step:
         stage("tune")
-        tuning, tuned_error, _ = fit_step_tuning(
-            lambda t: score({**chosen, "step_tuning": t}, x_cal, sigmas, final), rng, sigmas,
-            tune_trials if tune_trials is not None else 4 * candidates,
+        z_tuned, tuning, tuned_error, _ = fit_step_tuning(
+            lambda z, t: score({**chosen, "step_tuning": t}, x_cal, emit(rng, z), final), rng, z_best, min_gap,
+            tune_trials if tune_trials is not None else 10 * candidates,
             progress=lambda d, t: report_progress("tune", d, t))
         end("tune")
         if tuned_error < cal_error:
-            untuned, chosen, cal_error = chosen, {**chosen, "step_tuning": tuning.as_option()}, tuned_error
+            untuned = (chosen, sigmas)
+            chosen, cal_error, sigmas = {**chosen, "step_tuning": tuning.as_option()}, tuned_error, emit(rng, z_tuned)
+            check_sigmas(sigmas, steps, who)
 
     holdout_error, stock_errors, warns = None, {name: (err, None) for name, err in stock_cal.items()}, []
     if holdout is None:
@@ -353,11 +356,11 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
         _, final_hold = teacher(x_hold)
         holdout_error = score(chosen, x_hold, sigmas, final_hold)
         if untuned is not None:  # the step tuning stays only if it also helps on fresh noises
-            untuned_error = score(untuned, x_hold, sigmas, final_hold)
+            untuned_error = score(untuned[0], x_hold, untuned[1], final_hold)
             if untuned_error <= holdout_error:
                 warns.append(f"the step tuning did not help on the hold-out noises ({holdout_error:.4g} vs "
                              f"{untuned_error:.4g} without): left out")
-                chosen, holdout_error = untuned, untuned_error
+                (chosen, sigmas), holdout_error = untuned, untuned_error
                 cal_error = score(chosen, x_cal, sigmas, final)
         for name, s in stock.items():
             stock_errors[name] = (stock_cal[name], score(options, x_hold, s, final_hold))

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-VERSION = "2"  # 2: sampler_options may hold step_tuning
+from ..step_tuning import TUNING_SETS
+
+VERSION = "3"  # 2: sampler_options may hold step_tuning; 3: with noise extrapolations, fitted with the schedule
 
 
 @dataclass
@@ -50,9 +52,9 @@ class CalibrationReport:
             lines.append("sampler options chosen: " + ", ".join(f"{k}={v}" for k, v in plain.items()))
         tuning = self.sampler_options.get("step_tuning")
         if tuning:
-            lines.append("step tuning (in the SAMPLER output; for this schedule only): query shifts "
-                         + ", ".join(f"{v:+.3f}" for v in tuning["query_shift"]) + "; output extrapolations "
-                         + ", ".join(f"{v:+.3f}" for v in tuning["output_extrapolation"]))
+            sets = [(name.replace("_", " ") + "s", tuning.get(name)) for name in TUNING_SETS]
+            lines.append("step tuning (in the SAMPLER output; for this schedule only): " + "; ".join(
+                f"{label} " + ", ".join(f"{v:+.3f}" for v in values) for label, values in sets if values))
         calls = ", ".join(f"{k} {v}" for k, v in self.model_calls.items())
         lines.append(f"model calls (batched): {sum(self.model_calls.values())} ({calls}); {self.seconds:.1f} s")
         lines += [f"warning: {w}" for w in self.warnings]

@@ -13,7 +13,7 @@ import torch
 
 from ..multistep import StepRow, apply_row
 from ..schedule import NoiseSchedule
-from ..step_tuning import MAX_EXTRAPOLATION, StepTuning, query_shift_bounds
+from ..step_tuning import MAX_EXTRAPOLATION, TUNING_SETS, StepTuning, query_shift_bounds
 
 FLOW_TOP = 0.9997  # largest interior flow sigma without a table (shift 3's table tops out at 0.99967)
 
@@ -214,13 +214,17 @@ def refine(objective, z0: list[float], rng: SigmaRange, min_gap: float, budget_t
            delta: float = 0.25, min_delta: float = 0.01, progress=None) -> tuple[list[float], float, int]:
     """``coordinate_descent`` on the interior z of a schedule with the real sampler (``objective(z) -> error``),
     every trial snapped to the model's table and ``feasible``."""
+    return coordinate_descent(objective, z0, _schedule_move(rng, min_gap), budget_trials, delta, min_delta, progress)
+
+
+def _schedule_move(rng: SigmaRange, min_gap: float):
     def move(z, k, step):
         trial = list(z)
         trial[k] += step
         trial = _snapped(trial, rng)
         return trial if feasible(trial, rng, min_gap) else None
 
-    return coordinate_descent(objective, z0, move, budget_trials, delta, min_delta, progress)
+    return move
 
 
 def _snapped(z: list[float], rng: SigmaRange) -> list[float]:
@@ -241,18 +245,50 @@ def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], bu
     return coordinate_descent(objective, x0, move, budget_trials, delta, min_delta, progress)
 
 
-def fit_step_tuning(objective, rng: SigmaRange, sigmas: torch.Tensor, budget_trials: int,
-                    progress=None) -> tuple[StepTuning, float, int]:
-    """Per-step query shifts and output extrapolations (``step_tuning``) for the schedule ``sigmas``, by
-    ``refine_box`` from zero: ``objective(StepTuning) -> error``. Returns (tuning, its error, trials)."""
-    calls = len(sigmas) - 1
-    z = rng.z(sigmas[:-1].to(torch.float64)).tolist()
-    bounds = (query_shift_bounds(z, float(rng.z(rng.top)))
-              + [(0.0, 0.0)] + [(-MAX_EXTRAPOLATION, MAX_EXTRAPOLATION)] * (calls - 1))
+def fit_step_tuning(objective, rng: SigmaRange, z0: list[float], min_gap: float, budget_trials: int,
+                    progress=None) -> tuple[list[float], StepTuning, float, int]:
+    """Per-step tuning (``step_tuning``) for the schedule with interior ``z0``, then that schedule and its
+    tuning together: ``objective(z, StepTuning) -> error``. Two ``coordinate_descent`` runs: the tuning alone
+    from zero (2/5 of the budget), then every coordinate at once (the rest; a schedule fitted without the
+    tuning is not the best one with it). Query shifts stay within ``query_shift_bounds`` of the current
+    schedule, extrapolations within +-MAX_EXTRAPOLATION, each first one at 0. Returns (z, tuning, error,
+    trials)."""
+    calls = len(z0) + 1
+    top = float(rng.z(rng.top))
+    start = float(rng.z(rng.sigma_max))
+    extrapolation = [(0.0, 0.0)] + [(-MAX_EXTRAPOLATION, MAX_EXTRAPOLATION)] * (calls - 1)
 
-    def tuning_of(values):
-        return StepTuning(tuple(values[:calls]), tuple(values[calls:]))
+    def bounds(z):
+        return query_shift_bounds([start] + list(z), top) + extrapolation * (len(TUNING_SETS) - 1)
 
-    values, error, trials = refine_box(lambda v: objective(tuning_of(v)), [0.0] * (2 * calls), bounds,
-                                       budget_trials, progress=progress)
-    return tuning_of(values), error, trials
+    def clipped(values, z):
+        return [min(high, max(low, v)) for v, (low, high) in zip(values, bounds(z))]
+
+    def tuning_move(z):
+        box = bounds(z)
+
+        def move(values, k, step):
+            trial = list(values)
+            trial[k] = min(box[k][1], max(box[k][0], trial[k] + step))
+            return trial
+
+        return move
+
+    first = max(1, 2 * budget_trials // 5)
+    values, _, trials = coordinate_descent(lambda v: objective(z0, StepTuning.from_flat(v, calls)),
+                                           [0.0] * (len(TUNING_SETS) * calls), tuning_move(z0), first,
+                                           progress=progress)
+    n = len(z0)
+    schedule_move = _schedule_move(rng, min_gap)
+
+    def joint_move(point, k, step):
+        z, values = point[:n], point[n:]
+        if k >= n:
+            return z + tuning_move(z)(values, k - n, step)
+        z = schedule_move(z, k, step)
+        return None if z is None else z + clipped(values, z)
+
+    point, error, more = coordinate_descent(lambda p: objective(p[:n], StepTuning.from_flat(p[n:], calls)),
+                                            list(z0) + values, joint_move, budget_trials - trials, delta=0.125,
+                                            progress=progress and (lambda d, t: progress(trials + d, trials + t)))
+    return point[:n], StepTuning.from_flat(point[n:], calls), error, trials + more
