@@ -75,7 +75,7 @@ class ScheduleCalibrator(io.ComfyNode):
                 "Finds the step schedule (SIGMAS) that makes your sampler closest to your model's own accurate "
                 "solution at few steps (5-10), for this model, prompt, cfg and latent size. No images needed: it "
                 "solves the model accurately from a few noises (the teacher), searches the steps the sampler "
-                "should take, tunes two numbers per step for them (tune steps), and reports the error next to "
+                "should take, tunes three numbers per step with them (tune steps), and reports the error next to "
                 "karras, normal, beta, AYS... on fresh noises. The result is cached: the next Run with the same "
                 "inputs costs nothing. Use its SIGMAS and SAMPLER outputs together in SamplerCustom(Advanced) (the "
                 "SAMPLER carries the tuning for these SIGMAS). Deterministic samplers only (euler, dpmpp_2m, "
@@ -109,11 +109,11 @@ class ScheduleCalibrator(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Guidance scale to calibrate under (the one you will sample with)."),
                 io.Boolean.Input("tune_steps", default=True, optional=True, display_name="tune steps",
-                                 tooltip="Also fit, for this schedule, where the model is asked at each step and "
-                                         "how much of the last change of its output is extrapolated (two numbers a "
-                                         "step; samplers that call the model once per step; kept only where they "
-                                         "lower the error on the fresh noises). They travel in the SAMPLER output: "
-                                         "use it with these SIGMAS."),
+                                 tooltip="Also fit, together with the schedule, where the model is asked at each "
+                                         "step and how much of the last change of its output and of its noise "
+                                         "prediction is extrapolated (three numbers a step; samplers that call the "
+                                         "model once per step; kept only where they lower the error on the fresh "
+                                         "noises). They travel in the SAMPLER output: use it with these SIGMAS."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
                                  tooltip="Store the result in the user folder (fs_calibration_cache): the same "
                                          "inputs again give it back without model calls."),
