@@ -110,13 +110,16 @@ def sampler_entry(name: str):
 
 
 def calibrated_rows(model, ms, cal, hold, reference, nfes, names, **options) -> list[dict]:
+    """Each sampler calibrated as the node does it, with its own check on as many fresh noises as ``cal``
+    (seed 2: neither the calibration noises nor the benchmark's hold-out ones), then scored on ``hold``."""
+    guard = torch.randn(cal.shape, dtype=cal.dtype, generator=torch.Generator().manual_seed(2))
     rows = []
     for name in names:
         fn, (run_fn, run_options) = sampler_entry(name)
         for nfe in nfes:
             t0 = time.perf_counter()
             with default_dtype(torch.float64):
-                sigmas, report = calibrate_schedule(model, cal, nfe, fn, holdout=0, **options)
+                sigmas, report = calibrate_schedule(model, cal, nfe, fn, holdout=guard, **options)
             this_fn, this_options = run_fn, {**run_options, **report.sampler_options}
             if name in SAMPLERS:  # a pack preset with the options the calibration chose
                 this_fn, this_options = SAMPLERS[name].func, {**SAMPLERS[name].options, **report.sampler_options}
@@ -220,8 +223,9 @@ def write_markdown(results, args, wall, drift=()) -> str:
              f"Written by `benchmarks/calibration.py` on {dt.date.today()}: ComfyUI {cp.import_comfy().version}, "
              f"torch {torch.__version__}; wall time {wall:.0f} s.", "",
              f"    .venv-comfyui/bin/python benchmarks/calibration.py {' '.join(sys.argv[1:])}".rstrip(), "",
-             f"Calibration on {args.noises} noises (seed 0), every score on separate hold-out noises (seed 1; "
-             "500, 166 for 256-D), the same for every row. Error = mean per-sample L2 distance to the reference "
+             f"Calibration on {args.noises} noises (seed 0) with the calibrator's own check on as many others (seed "
+             "2; it chooses between the untuned, tuned and jointly moved schedule, as the node does), every score "
+             "on separate hold-out noises (seed 1; 500, 166 for 256-D), the same for every row. Error = mean per-sample L2 distance to the reference "
              "from the same start (exact models: the exact probability-flow ODE to sigma_min, then the denoise; "
              "digits: the network's own 500-step solve). Best peer = the lowest error of every deterministic "
              "ComfyUI sampler on every ComfyUI schedule and the AYS / GITS / OptimalSteps tables, both length "

@@ -233,7 +233,33 @@ def test_joint_search_keeps_the_query_shifts_within_the_moving_schedule():
         violations.extend(d for d, (low, high) in zip(tuning.query_shift, bounds) if not low - 1e-9 <= d <= high + 1e-9)
         return sum((a - b) ** 2 for a, b in zip(z, target)) - 0.1 * sum(tuning.query_shift)
 
-    z, tuning, error, trials = fit_step_tuning(objective, rng, z0, 0.05, 400)
-    assert not violations and trials <= 400
+    phases, trials = fit_step_tuning(objective, rng, z0, 0.05, 400)
+    (z_fixed, _, fixed_error), (z, tuning, error) = phases
+    assert not violations and trials <= 400 and z_fixed == z0 and error <= fixed_error
     assert max(abs(a - b) for a, b in zip(z, z0)) > 0.2
     assert error < objective(z0, StepTuning()) - 0.1
+
+
+def test_hold_out_noises_choose_between_the_fits(monkeypatch):
+    """The calibrator keeps, of the untuned schedule, the tuned one and the one moved with its tuning, the one
+    with the lowest hold-out error: a fit that claims the lowest calibration error (here a stand-in that
+    reports 0 for a tuning that extrapolates far too much) is dropped, with a warning naming both."""
+    from comfyui_fast_samplers.samplers.calibration import pipeline
+    from comfyui_fast_samplers.samplers.calibration.search import fit_step_tuning
+
+    def overfitted(*args, **kwargs):
+        phases, trials = fit_step_tuning(*args, **kwargs)
+        z, tuning, _ = phases[1]
+        bad = StepTuning(tuning.query_shift, (0.0,) + (1.0,) * (len(z)), (0.0,) + (-1.0,) * (len(z)))
+        return [phases[0], (z, bad, 0.0)], trials
+
+    monkeypatch.setattr(pipeline, "fit_step_tuning", overfitted)
+    model = ExactModel(default_mixture(), "ve")
+    common = dict(sigma_min=0.0292, sigma_max=14.615, candidates=24, teacher_substeps=2, refine_trials=30,
+                  holdout=256)
+    with pytest.warns(UserWarning, match="tuned with the schedule, the best fit of the calibration noises, did "
+                                         "worse on the hold-out noises than tuned"):
+        _, report = calibrate_schedule(model, _noise(128), 5, "fs_er_sde_ode_3_unic", **common)
+    kept = StepTuning.from_option(report.sampler_options["step_tuning"], 5, "test")
+    assert kept.output_extrapolation[1:] != (1.0,) * 4 and report.calibration_error > 0
+    assert report.holdout_error < 0.03  # the tuned fit's (measured 0.024; untuned 0.036, the stand-in 0.56)

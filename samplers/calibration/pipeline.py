@@ -331,18 +331,21 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
     check_sigmas(sigmas, steps, who)
     end("refine")
 
-    untuned = None  # (options, sigmas) without the tuning, for the hold-out check
+    # the schedule untuned, tuned, and moved with its tuning: the lowest calibration error wins, or with
+    # hold-out noises the lowest error on them (the more freedom, the more room to overfit a small batch)
+    fits = [("untuned", chosen, sigmas, cal_error)]
     if tune_steps and once_per_step:
         stage("tune")
-        z_tuned, tuning, tuned_error, _ = fit_step_tuning(
+        phases, _ = fit_step_tuning(
             lambda z, t: score({**chosen, "step_tuning": t}, x_cal, emit(rng, z), final), rng, z_best, min_gap,
             tune_trials if tune_trials is not None else 10 * candidates,
             progress=lambda d, t: report_progress("tune", d, t))
         end("tune")
-        if tuned_error < cal_error:
-            untuned = (chosen, sigmas)
-            chosen, cal_error, sigmas = {**chosen, "step_tuning": tuning.as_option()}, tuned_error, emit(rng, z_tuned)
-            check_sigmas(sigmas, steps, who)
+        for name, (z, tuning, error) in zip(("tuned", "tuned with the schedule"), phases):
+            if error < cal_error:
+                fits.append((name, {**chosen, "step_tuning": tuning.as_option()}, emit(rng, z), error))
+    fit, chosen, sigmas, cal_error = min(fits, key=lambda t: t[3])
+    check_sigmas(sigmas, steps, who)
 
     holdout_error, stock_errors, warns = None, {name: (err, None) for name, err in stock_cal.items()}, []
     if holdout is None:
@@ -354,14 +357,13 @@ def calibrate_schedule(model, noise: torch.Tensor, steps: int, sampler, *, extra
             dtype=noise.dtype).to(noise.device)
         x_hold = start_state(model, x_hold, rng)
         _, final_hold = teacher(x_hold)
-        holdout_error = score(chosen, x_hold, sigmas, final_hold)
-        if untuned is not None:  # the step tuning stays only if it also helps on fresh noises
-            untuned_error = score(untuned[0], x_hold, untuned[1], final_hold)
-            if untuned_error <= holdout_error:
-                warns.append(f"the step tuning did not help on the hold-out noises ({holdout_error:.4g} vs "
-                             f"{untuned_error:.4g} without): left out")
-                (chosen, sigmas), holdout_error = untuned, untuned_error
-                cal_error = score(chosen, x_cal, sigmas, final)
+        on_hold = [(score(o, x_hold, s, final_hold), name, o, s, e) for name, o, s, e in fits]
+        holdout_error, best, best_options, best_sigmas, best_cal = min(on_hold, key=lambda t: t[0])
+        if best != fit:
+            mine = next(t[0] for t in on_hold if t[1] == fit)
+            warns.append(f"{fit}, the best fit of the calibration noises, did worse on the hold-out noises than "
+                         f"{best} ({mine:.4g} vs {holdout_error:.4g}): kept {best}")
+            chosen, sigmas, cal_error = best_options, best_sigmas, best_cal
         for name, s in stock.items():
             stock_errors[name] = (stock_cal[name], score(options, x_hold, s, final_hold))
         end("hold-out")

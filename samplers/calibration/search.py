@@ -246,13 +246,13 @@ def refine_box(objective, x0: list[float], bounds: list[tuple[float, float]], bu
 
 
 def fit_step_tuning(objective, rng: SigmaRange, z0: list[float], min_gap: float, budget_trials: int,
-                    progress=None) -> tuple[list[float], StepTuning, float, int]:
+                    progress=None) -> tuple[list[tuple[list[float], StepTuning, float]], int]:
     """Per-step tuning (``step_tuning``) for the schedule with interior ``z0``, then that schedule and its
     tuning together: ``objective(z, StepTuning) -> error``. Two ``coordinate_descent`` runs: the tuning alone
     from zero (2/5 of the budget), then every coordinate at once (the rest; a schedule fitted without the
     tuning is not the best one with it). Query shifts stay within ``query_shift_bounds`` of the current
-    schedule, extrapolations within +-MAX_EXTRAPOLATION, each first one at 0. Returns (z, tuning, error,
-    trials)."""
+    schedule, extrapolations within +-MAX_EXTRAPOLATION, each first one at 0. Returns ([(z, tuning, error)
+    after each run], trials): the caller chooses on fresh noises (more freedom, more room to overfit)."""
     calls = len(z0) + 1
     top = float(rng.z(rng.top))
     start = float(rng.z(rng.sigma_max))
@@ -275,7 +275,7 @@ def fit_step_tuning(objective, rng: SigmaRange, z0: list[float], min_gap: float,
         return move
 
     first = max(1, 2 * budget_trials // 5)
-    values, _, trials = coordinate_descent(lambda v: objective(z0, StepTuning.from_flat(v, calls)),
+    values, fixed_error, trials = coordinate_descent(lambda v: objective(z0, StepTuning.from_flat(v, calls)),
                                            [0.0] * (len(TUNING_SETS) * calls), tuning_move(z0), first,
                                            progress=progress)
     n = len(z0)
@@ -291,4 +291,5 @@ def fit_step_tuning(objective, rng: SigmaRange, z0: list[float], min_gap: float,
     point, error, more = coordinate_descent(lambda p: objective(p[:n], StepTuning.from_flat(p[n:], calls)),
                                             list(z0) + values, joint_move, budget_trials - trials, delta=0.125,
                                             progress=progress and (lambda d, t: progress(trials + d, trials + t)))
-    return point[:n], StepTuning.from_flat(point[n:], calls), error, trials + more
+    return ([(list(z0), StepTuning.from_flat(values, calls), fixed_error),
+             (point[:n], StepTuning.from_flat(point[n:], calls), error)], trials + more)
