@@ -113,7 +113,8 @@ class ScheduleCalibrator(io.ComfyNode):
                                          "step and how much of the last change of its output and of its noise "
                                          "prediction is extrapolated (three numbers a step; samplers that call the "
                                          "model once per step; kept only where they lower the error on the fresh "
-                                         "noises). They travel in the SAMPLER output: use it with these SIGMAS."),
+                                         "noises; about 3x the model calls of the rest). They travel in the SAMPLER "
+                                         "output: use it with these SIGMAS."),
                 io.Boolean.Input("use_cache", default=True, optional=True,
                                  tooltip="Store the result in the user folder (fs_calibration_cache): the same "
                                          "inputs again give it back without model calls."),
