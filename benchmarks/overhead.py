@@ -1,6 +1,6 @@
 """Per-step overhead of the pack's samplers against ComfyUI's own, with an identity model.
 
-    PYTHONPATH=.. /tmp/cvenv/bin/python benchmarks/overhead.py      # --help: --repeats, --brownian-repeats, --steps, --before, --out
+    PYTHONPATH=.. /tmp/cvenv/bin/python benchmarks/overhead.py      # --help: --repeats, --brownian-repeats, --steps, --rows, --before, --out
 
 With the model ``D(x, sigma) = x`` a step costs the sampler's own work: planning (the pack computes
 every coefficient of a run once, in float64 on the host), the per-step arithmetic on the latent and
@@ -22,7 +22,9 @@ ComfyUI's BrownianTree samplers (``dpmpp_2m_sde``, whose default noise is a Brow
 the current ones, marked "(before)".
 
 ComfyUI comes from $COMFYUI_PATH or a temporary copy of ../shared/comfyui (benchmarks/comfy_peers.py
-imports it). Writes benchmarks/results/overhead.md (through a temporary file and a rename).
+imports it). ``--rows A B``: only the rows whose names contain A or B (and ComfyUI euler, the scale, and
+ComfyUI euler_ancestral / dpmpp_2m_sde where a stochastic / Brownian row needs them), for iterating on a
+few rows; the committed results file is a full run. Writes benchmarks/results/overhead.md (through a temporary file and a rename).
 """
 from __future__ import annotations
 
@@ -117,6 +119,14 @@ def measure(rows: dict, shape, steps: int, repeats: int, seed: int = 0) -> dict:
     return {name: statistics.median(t) / steps for name, t in times.items()}
 
 
+def selected_rows(rows: dict, patterns) -> dict:
+    """The rows named by ``--rows``, plus the ComfyUI rows their cells are divided by."""
+    keep = {name for name in rows if any(p in name for p in patterns)}
+    kinds = {rows[name][2] for name in keep if not name.startswith("ComfyUI")}
+    keep |= {TARGETS[kind][0] for kind in kinds} | {"ComfyUI euler"}
+    return {name: row for name, row in rows.items() if name in keep}
+
+
 def load_average() -> str:
     try:
         return ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -162,6 +172,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds (median kept)")
     parser.add_argument("--brownian-repeats", type=int, default=5, help="interleaved rounds of the Brownian rows")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--rows", nargs="+", default=None, help="only rows whose names contain one of these")
     parser.add_argument("--before", type=Path, default=None, help="an older checkout of the pack to compare with")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -173,6 +184,8 @@ def main(argv=None):
     if args.before is not None:
         sys.path.insert(0, str(args.before.resolve().parent))
         rows.update(pack_rows(args.before.name, " (before)"))
+    if args.rows is not None:
+        rows = selected_rows(rows, args.rows)
     t0, load_start = time.perf_counter(), load_average()
     results = {}
     for shape in SHAPES:
@@ -181,7 +194,7 @@ def main(argv=None):
             fast = {name: row for name, row in rows.items() if row[2] != "brownian"}
             slow = {name: row for name, row in rows.items() if row[2] == "brownian" or name == "ComfyUI euler"}
             res = measure(fast, shape, steps, args.repeats)
-            brownian = measure(slow, shape, steps, args.brownian_repeats)
+            brownian = measure(slow, shape, steps, args.brownian_repeats) if len(slow) > 1 else dict(res)
             scale = res["ComfyUI euler"] / brownian.pop("ComfyUI euler")  # Brownian rows on the fast group's euler
             results[(shape, steps)] = {**res, **{name: t * scale for name, t in brownian.items()}}
     runtime, load_end = time.perf_counter() - t0, load_average()

@@ -17,7 +17,8 @@ import torch
 
 from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
-from .multistep import StepRow, derivative_weight_rows, merged_weights, run_rows
+from .er_sde_ode_plan import batched_ode_rows, batched_plan_applies, corrector_change, predictor_weight_rows, weighted_rows
+from .multistep import StepRow, merged_weights, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
     LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficient_rows,
     taylor_coefficients, taylor_coefficients_comfy, taylor_coefficients_power, taylor_coefficients_quadrature,
@@ -79,40 +80,16 @@ def resolved_flow_form(flow_form, noise_fn: NoiseFunction) -> str:
 
 
 def _derivative_weights(lams: list[float], order: int, derivatives: str) -> list[list[float]]:
-    """[order - 1][order] weights on (D_i, D_{i-1}, ...) of D', D'', ... at lam_i. 'corrected': the
-    derivatives of the interpolating polynomial (a true order-p step); 'paper': D' = the slope between the
-    two newest nodes (the midpoint slope of the published update)."""
-    if order < 2:
-        return []
-    d = derivative_weight_rows(lams[:order], lams[0], order - 1)
-    if derivatives == "paper" and order >= 3:
-        d[0] = derivative_weight_rows(lams[:2], lams[0], 1)[0] + [0.0] * (order - 2)
-    return d
+    """``er_sde_ode_plan.predictor_weight_rows``: D', D'', ... at lam_i on (D_i, D_{i-1}, ...)."""
+    return predictor_weight_rows(lams, order, derivatives)
 
 
 def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor, fn: NoiseFunction,
                     quadrature: str, c=None):
-    """Weights on (D_t, D_s, D_{s1}, ...) of the corrector's change of x_t (UniC-style, exact weights):
-    the derivatives at lam_s of the polynomial through lam_t and the predictor's nodes replace the
-    predictor's, y_t += sum_k c_{k+1} (a_k^corr - a_k^pred) (shared/specs/calibration.md section 3.3).
-    ``c``: the step's (c2, ..., c_{len(nodes)+1}) when already known."""
-    terms = len(nodes)
-    c = taylor_coefficients(fn, lam_t, lam_s, quadrature, terms) if c is None else c
-    corr = derivative_weight_rows([lam_t, *nodes], lam_s, terms)
-    change = [0.0] * (terms + 1)
-    for k in range(terms):
-        ck = c[k]
-        pred_k = (0.0, *predictor[k][:terms]) if k < len(predictor) else (0.0,) * (terms + 1)
-        change = [v + ck * (a - b) for v, a, b in zip(change, corr[k], pred_k)]
-    return tuple(alpha_t * v for v in change)
-
-
-def _weighted_rows(coefficients, rows, width: int) -> list[float]:
-    """sum_k coefficients[k] * rows[k] as a list of ``width`` floats (0 where there are no rows)."""
-    out = [0.0] * width
-    for ck, row in zip(coefficients, rows):
-        out = [v + ck * r for v, r in zip(out, row)]
-    return out
+    """Weights on (D_t, D_s, D_{s1}, ...) of the corrector's change of x_t (UniC-style, exact weights;
+    ``er_sde_ode_plan.corrector_change``). ``c``: the step's (c2, ..., c_{len(nodes)+1}) when already known."""
+    c = taylor_coefficients(fn, lam_t, lam_s, quadrature, len(nodes)) if c is None else c
+    return tuple(corrector_change(lam_t, lam_s, alpha_t, nodes, predictor, c))
 
 
 def plan_er_sde(
@@ -129,10 +106,12 @@ def plan_er_sde(
     corrector: bool = False,
     flow_form: str | None = None,
     warn: bool = True,
+    per_step: bool = False,
 ) -> ERSDEPlan:
     """All coefficients of a run, in float64 on the host. Row i depends only on sigmas[: i + 2].
-    Two passes: the shape of every step (order, nodes), then the Taylor coefficients of all steps in
-    one evaluation (``taylor_coefficient_rows``) and the rows."""
+    The ODE on a regular schedule: all steps at once (``er_sde_ode_plan.batched_ode_rows``; ``per_step=True``
+    skips it, the reference its tests compare with). Otherwise two passes: the shape of every step (order,
+    nodes), then the Taylor coefficients of all steps in one evaluation (``taylor_coefficient_rows``) and the rows."""
     check_options(order=order, derivatives=derivatives, quadrature=quadrature, flow_start=flow_start,
                   final_step=final_step, s_noise=s_noise)
     if corrector and not noise_fn.deterministic:
@@ -150,11 +129,15 @@ def plan_er_sde(
     if flow_form != "lambda":  # the same ODE, dx/dsigma = (x - D)/sigma, with the denoiser a polynomial in sigma
         ve = NoiseSchedule("ve").coefficients(sig)
         sigma_form = tuple(t.tolist() for t in (ve.alpha, ve.s, ve.lam))
+    plan = ERSDEPlan(model_sigmas=sig)
+    whole_form = sigma_form if flow_form == "sigma" else own_form  # every step's, where all lam are finite
+    if not per_step and batched_plan_applies(noise_fn, quadrature, sig_list, whole_form[2]):
+        plan.rows = batched_ode_rows(sig_list, whole_form, order, derivatives, final_step, corrector, noise_fn)
+        return plan
     L_arr = np.array(log_lam)
     finite = np.isfinite(L_arr)
     log_psi = np.where(finite, noise_fn.log_phi(np.where(finite, L_arr, 0.0)) - L_arr, np.nan).tolist()
     own_finite = [math.isfinite(v) for v in own_form[2]]
-    plan = ERSDEPlan(model_sigmas=sig)
     stochastic = s_noise > 0 and not noise_fn.deterministic
     # pass 1: every step's form, order and interpolation nodes (lam of past evaluations, newest first)
     steps, evaluated = [], []
@@ -196,7 +179,7 @@ def plan_er_sde(
             if final_step == "extrapolate":
                 deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
                 taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
-                W = [w + e for w, e in zip(W, _weighted_rows(taylor, deriv, step_order))]
+                W = [w + e for w, e in zip(W, weighted_rows(taylor, deriv, step_order))]
             if final_step == "corrected" and pending is not None:
                 # the clean prediction moved with the corrector's change of the last state (the denoiser's
                 # Jacobian taken as 1: exact as the last noise level goes to 0)
@@ -218,7 +201,7 @@ def plan_er_sde(
         c = coeffs.get(i, ())
         deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
         if step_order >= 2:
-            W = [w + alpha[i + 1] * d for w, d in zip(W, _weighted_rows(c[:step_order - 1], deriv, step_order))]
+            W = [w + alpha[i + 1] * d for w, d in zip(W, weighted_rows(c[:step_order - 1], deriv, step_order))]
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0
         if stochastic:
             log_psi_s = log_psi[i] if math.isfinite(log_psi[i]) else noise_fn.log_psi_inf
@@ -353,7 +336,7 @@ def sample_er_sde(
     offset_sigma = flow_start_offset_sigma(model) if flow_start == "comfy_offset" else None
     plan = cached_plan(sig, schedule, fn, order, derivatives, quadrature, flow_start, final_step,
                        step_noise_scale(model, s_noise), offset_sigma, corrector, flow_form)
-    if noise_sampler is None:
+    if noise_sampler is None and any(row.draw for row in plan.rows):  # (the ODE draws nothing)
         if noise == "brownian":
             noise_sampler = brownian_noise_sampler(x, plan, extra_args.get("seed"))
         else:

@@ -41,38 +41,12 @@ class StepRow:
 
 def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
     """``derivative_weights`` as host lists (what the planners use: no numpy per row). Two to four nodes
-    (every step of the pack's planners): the derivatives of the Lagrange basis in closed form,
-    l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j) / prod_{m != j} (x_j - x_m) with e the elementary symmetric
-    polynomials; more nodes: Fornberg's recursion."""
+    (every step of the pack's planners): ``closed_form_weight_rows``; more nodes: Fornberg's recursion."""
     nodes = [float(v) for v in nodes]
     n = len(nodes)
     top = min(count, n - 1)
-    if n == 2 and top == 1:
-        slope = 1.0 / (nodes[0] - nodes[1])
-        return [[slope, -slope]] + [[0.0, 0.0] for _ in range(count - 1)]
-    if n == 3 and top >= 1:
-        x0, x1, x2 = nodes
-        o0, o1, o2 = at - x0, at - x1, at - x2
-        d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
-        rows = [[(o1 + o2) / d0, (o0 + o2) / d1, (o0 + o1) / d2]]
-        if count >= 2:
-            rows.append([2.0 / d0, 2.0 / d1, 2.0 / d2])
-        return rows + [[0.0, 0.0, 0.0] for _ in range(count - 2)]
-    if n == 4 and top >= 1:
-        x0, x1, x2, x3 = nodes
-        o0, o1, o2, o3 = at - x0, at - x1, at - x2, at - x3
-        d0 = (x0 - x1) * (x0 - x2) * (x0 - x3)
-        d1 = (x1 - x0) * (x1 - x2) * (x1 - x3)
-        d2 = (x2 - x0) * (x2 - x1) * (x2 - x3)
-        d3 = (x3 - x0) * (x3 - x1) * (x3 - x2)
-        rows = [[(o1 * o2 + o1 * o3 + o2 * o3) / d0, (o0 * o2 + o0 * o3 + o2 * o3) / d1,
-                 (o0 * o1 + o0 * o3 + o1 * o3) / d2, (o0 * o1 + o0 * o2 + o1 * o2) / d3]]
-        if count >= 2:
-            rows.append([2.0 * (o1 + o2 + o3) / d0, 2.0 * (o0 + o2 + o3) / d1, 2.0 * (o0 + o1 + o3) / d2,
-                         2.0 * (o0 + o1 + o2) / d3])
-        if count >= 3:
-            rows.append([6.0 / d0, 6.0 / d1, 6.0 / d2, 6.0 / d3])
-        return rows + [[0.0, 0.0, 0.0, 0.0] for _ in range(count - 3)]
+    if 2 <= n <= 4 and top >= 1:
+        return closed_form_weight_rows(nodes, at, count)
     # Fornberg (1988), built node by node: cols[j][m] is the weight of f_j in the m-th derivative at ``at``
     cols = [[1.0] + [0.0] * top]
     prod_prev, offset = 1.0, nodes[0] - at
@@ -95,6 +69,39 @@ def derivative_weight_rows(nodes, at: float, count: int) -> list[list[float]]:
         cols.append(new)
         prod_prev = prod
     return [[col[k] for col in cols] if k <= top else [0.0] * n for k in range(1, count + 1)]
+
+
+def closed_form_weight_rows(nodes, at, count: int) -> list:
+    """The derivatives of the Lagrange basis of two to four nodes in closed form,
+    l_j^(k)(at) = k! e_{n-1-k}(at - x_m, m != j) / prod_{m != j} (x_j - x_m) with e the elementary symmetric
+    polynomials: ``count`` rows of len(nodes) weights (0.0 beyond the degree). Plain arithmetic, so the nodes
+    and ``at`` may be floats or numpy arrays (one step per entry: the batched ODE planner)."""
+    n = len(nodes)
+    if n == 2:
+        slope = 1.0 / (nodes[0] - nodes[1])
+        return [[slope, -slope]] + [[0.0, 0.0] for _ in range(count - 1)]
+    if n == 3:
+        x0, x1, x2 = nodes
+        o0, o1, o2 = at - x0, at - x1, at - x2
+        d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+        rows = [[(o1 + o2) / d0, (o0 + o2) / d1, (o0 + o1) / d2]]
+        if count >= 2:
+            rows.append([2.0 / d0, 2.0 / d1, 2.0 / d2])
+        return rows + [[0.0, 0.0, 0.0] for _ in range(count - 2)]
+    x0, x1, x2, x3 = nodes
+    o0, o1, o2, o3 = at - x0, at - x1, at - x2, at - x3
+    d0 = (x0 - x1) * (x0 - x2) * (x0 - x3)
+    d1 = (x1 - x0) * (x1 - x2) * (x1 - x3)
+    d2 = (x2 - x0) * (x2 - x1) * (x2 - x3)
+    d3 = (x3 - x0) * (x3 - x1) * (x3 - x2)
+    rows = [[(o1 * o2 + o1 * o3 + o2 * o3) / d0, (o0 * o2 + o0 * o3 + o2 * o3) / d1,
+             (o0 * o1 + o0 * o3 + o1 * o3) / d2, (o0 * o1 + o0 * o2 + o1 * o2) / d3]]
+    if count >= 2:
+        rows.append([2.0 * (o1 + o2 + o3) / d0, 2.0 * (o0 + o2 + o3) / d1, 2.0 * (o0 + o1 + o3) / d2,
+                     2.0 * (o0 + o1 + o2) / d3])
+    if count >= 3:
+        rows.append([6.0 / d0, 6.0 / d1, 6.0 / d2, 6.0 / d3])
+    return rows + [[0.0, 0.0, 0.0, 0.0] for _ in range(count - 3)]
 
 
 def derivative_weights(nodes, at: float, count: int) -> np.ndarray:
@@ -139,13 +146,14 @@ def run_rows(model, x: torch.Tensor, rows: list[StepRow], extra_args=None, callb
     if model_sigmas is None:
         model_sigmas = torch.tensor([r.sigma for r in rows], dtype=torch.float64)
     model_sigmas = model_sigmas.to(x.device)
-    s_in = x.new_ones([x.shape[0]])
+    # every step's sigma batch before the loop: row i = model_sigmas[i] * x.new_ones(batch), in x's dtype
+    sigma_batches = model_sigmas.to(x.dtype)[:, None].expand(-1, x.shape[0]).contiguous() if call is None else None
     history: list[torch.Tensor] = []
     for i in progress(len(rows), disable):
         row = rows[i]
         if not row.evaluate:
             continue
-        denoised = model(x, model_sigmas[i] * s_in, **extra_args) if call is None else call(x, row)
+        denoised = model(x, sigma_batches[i], **extra_args) if call is None else call(x, row)
         history.insert(0, denoised)
         del history[depth:]
         if callback is not None:

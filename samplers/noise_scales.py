@@ -145,7 +145,7 @@ def noise_function(name: str, eta: float, power: float, sde_1_a: float) -> Noise
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 _GL_NODES_PLUS_1 = 1 + _GL_NODES
 _PANEL_WIDTH = 0.5  # in v = log(lam/lam_t); 8-node panels of this width: ~5e-15 relative error
-_CLOSED_FORM_MIN_U = 0.05  # below this the power-law closed form of c3 cancels; use quadrature
+CLOSED_FORM_MIN_U = 0.05  # below this the power-law closed forms of c3, c4 cancel; use quadrature
 
 
 def taylor_coefficients_quadrature(fn: NoiseFunction, lam_t: float, lam_s: float, terms: int = 2) -> tuple:
@@ -178,17 +178,29 @@ def quadrature_rows(fn: NoiseFunction, lam_t, lam_s, terms: int) -> np.ndarray:
     return out
 
 
-def taylor_coefficients_power(p: float, lam_t: float, lam_s: float) -> tuple[float, float]:
-    """Closed forms of c2, c3 for phi = lam^p with E(a) = (rho^a - 1)/a."""
-    u = math.log(lam_s / lam_t)
+def taylor_coefficients_power(p: float, lam_t: float, lam_s: float, terms: int = 2, xp=math) -> tuple:
+    """Closed forms of c2, c3 (and c4 with ``terms`` 3) for phi = lam^p with E(a) = (rho^a - 1)/a:
+    c_{k+1} = lam_t^k p / k! sum_j binom(k, j) (-rho)^(k-j) E(j - p), written out (relative error ~1e-11 at
+    u = log(rho) = 0.05, where ``taylor_coefficient_rows`` switches to quadrature). ``xp``: the module whose log
+    and expm1 are used (math; an array namespace for lam_t, lam_s arrays of many steps)."""
+    u = xp.log(lam_s / lam_t)
+    rho_m1 = xp.expm1(u)
+    known = {0.0: u, 1.0: rho_m1}
 
     def E(a):
-        return u if a == 0 else math.expm1(a * u) / a
+        if a not in known:
+            known[a] = xp.expm1(a * u) / a
+        return known[a]
 
-    rho_m1 = math.expm1(u)
-    c2 = lam_t * (E(1 - p) - rho_m1)
-    c3 = lam_t**2 * (rho_m1**2 / 2 + E(2 - p) - (rho_m1 + 1) * E(1 - p))
-    return c2, c3
+    e1 = E(1 - p)
+    c2 = lam_t * (e1 - rho_m1)
+    c3 = lam_t**2 * (rho_m1**2 / 2 + E(2 - p) - (rho_m1 + 1) * e1)
+    if terms < 3:
+        return c2, c3
+    rho = rho_m1 + 1
+    # cubes as products: numpy's power of an array may round differently from math's pow of each entry
+    c4 = lam_t * lam_t * lam_t * p / 6 * (E(3 - p) - 3 * rho * E(2 - p) + 3 * rho * rho * e1 - rho * rho * rho * E(-p))
+    return c2, c3, c4
 
 
 def taylor_coefficients_comfy(fn: NoiseFunction, lam_t: float, lam_s: float) -> tuple[float, float]:
@@ -207,8 +219,39 @@ def taylor_coefficients_comfy(fn: NoiseFunction, lam_t: float, lam_s: float) -> 
 
 def taylor_coefficients(fn: NoiseFunction, lam_t: float, lam_s: float, quadrature: str = "exact",
                         terms: int = 2) -> tuple:
-    """(c2, ..., c_{terms+1}); c4 and beyond always by quadrature."""
+    """(c2, ..., c_{terms+1}); c5 and beyond always by quadrature (c4 too but for power laws)."""
     return taylor_coefficient_rows(fn, [lam_t], [lam_s], quadrature, terms)[0]
+
+
+class _MathOnArrays:
+    """log and expm1 of numpy arrays through the math module, entry by entry: numpy's own may round the last bit
+    differently, and the batched coefficients are to equal the one-step ones exactly."""
+
+    @staticmethod
+    def log(values):
+        return np.array([math.log(v) for v in values.tolist()])
+
+    @staticmethod
+    def expm1(values):
+        return np.array([math.expm1(v) for v in values.tolist()])
+
+
+def power_taylor_columns(fn: NoiseFunction, lam_t: np.ndarray, lam_s: np.ndarray, terms: int) -> list:
+    """``taylor_coefficient_rows`` (exact quadrature, a power law, terms <= 3) of many steps in numpy:
+    ``terms`` arrays c2, c3, ... over the steps (closed forms, quadrature where u < 0.05), equal to the one-step
+    values bit for bit."""
+    closed = taylor_coefficients_power(fn.power, lam_t, lam_s, terms, xp=_MathOnArrays)[:terms]
+    small = _MathOnArrays.log(lam_s / lam_t) < CLOSED_FORM_MIN_U
+    if not small.any():
+        return list(closed)
+    quad = quadrature_rows(fn, lam_t[small], lam_s[small], max(terms, 2))
+    return [_patched(c, small, quad[:, k]) for k, c in enumerate(closed)]
+
+
+def _patched(values: np.ndarray, where: np.ndarray, replacement: np.ndarray) -> np.ndarray:
+    out = np.array(values, dtype=np.float64)
+    out[where] = replacement
+    return out
 
 
 def taylor_coefficient_rows(fn: NoiseFunction, lam_t, lam_s, quadrature: str = "exact", terms: int = 2) -> list:
@@ -217,12 +260,12 @@ def taylor_coefficient_rows(fn: NoiseFunction, lam_t, lam_s, quadrature: str = "
     for t, s in zip(lam_t, lam_s):
         if quadrature == "comfy_riemann":
             heads.append(taylor_coefficients_comfy(fn, t, s))
-        elif fn.power is not None and math.log(s / t) >= _CLOSED_FORM_MIN_U:
-            heads.append(taylor_coefficients_power(fn.power, t, s))
+        elif fn.power is not None and math.log(s / t) >= CLOSED_FORM_MIN_U:
+            heads.append(taylor_coefficients_power(fn.power, t, s, min(terms, 3)))
         else:
             heads.append(None)
-    need = [r for r, head in enumerate(heads) if head is None or terms > 2]
+    need = [r for r, head in enumerate(heads) if head is None or len(head) < terms]
     quad = dict(zip(need, quadrature_rows(fn, [lam_t[r] for r in need], [lam_s[r] for r in need],
                                           max(terms, 2)).tolist())) if need else {}
-    return [tuple(quad[r][:terms]) if head is None else head[:terms] + tuple(quad.get(r, ())[2:terms])
+    return [tuple(quad[r][:terms]) if head is None else head[:terms] + tuple(quad.get(r, ())[len(head):terms])
             for r, head in enumerate(heads)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfyui_fast_samplers.samplers import sample_dpmpp_2m, sample_er_sde
-from comfyui_fast_samplers.samplers.multistep import StepRow, derivative_weights, merge_correction
+from comfyui_fast_samplers.samplers.multistep import StepRow, derivative_weights, merge_correction, run_rows
 from comfyui_fast_samplers.samplers.schedule import karras_sigmas
 from comfyui_fast_samplers.testbeds.mixtures import ExactModel, default_mixture, marginal_sample, solve_pf_ode
 
@@ -190,3 +190,21 @@ def test_batched_quadrature_matches_each_step_alone():
             np.testing.assert_allclose(together[r], alone, rtol=1e-14, atol=0)
             if name == "reverse_sde":
                 np.testing.assert_allclose(together[r][:2], taylor_coefficients_power(2.0, lam_t[r], lam_s[r]), rtol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_run_rows_calls_the_model_with_each_rows_sigma_batch_in_the_latents_dtype(dtype):
+    """The sigma batches built before the loop are what ``model_sigmas[i] * x.new_ones(batch)`` gives per step
+    (ComfyUI's ``sigma * s_in``): the row's sigma in x's dtype, one per sample; a shifted index or a missing cast
+    fails. Skipped rows (evaluate=False) call nothing."""
+    x = torch.ones(3, 2, dtype=dtype)
+    rows = [StepRow(2.0, 1.5, A=0.5, W=(0.5,)), StepRow(1.5, 1.5, A=1.0, evaluate=False),
+            StepRow(1.5, 0.3, A=0.2, W=(0.8,)), StepRow(0.3, 0.0, A=0.0, W=(1.0,))]
+    model_sigmas = torch.tensor([2.0, 1.5, 1.5, 0.3], dtype=torch.float64) + 1e-9  # rounds in float32 / float16
+    seen = []
+    run_rows(lambda x, sigma: seen.append(sigma.clone()) or x, x, rows, model_sigmas=model_sigmas)
+    expected = [model_sigmas[i] * x.new_ones([3]) for i in (0, 2, 3)]
+    assert len(seen) == 3
+    for got, want in zip(seen, expected):
+        assert got.dtype == want.dtype == dtype and got.shape == (3,)
+        assert torch.equal(got, want)
