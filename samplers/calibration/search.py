@@ -276,8 +276,8 @@ def fit_step_tuning(objective, rng: SigmaRange, z0: list[float], min_gap: float,
 
     first = max(1, 2 * budget_trials // 5)
     values, fixed_error, trials = coordinate_descent(lambda v: objective(z0, StepTuning.from_flat(v, calls)),
-                                           [0.0] * (len(TUNING_SETS) * calls), tuning_move(z0), first,
-                                           progress=progress)
+                                                     [0.0] * (len(TUNING_SETS) * calls), tuning_move(z0), first,
+                                                     progress=progress)
     n = len(z0)
     schedule_move = _schedule_move(rng, min_gap)
 
