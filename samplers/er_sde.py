@@ -17,7 +17,9 @@ import torch
 
 from .comfy_compat import flow_start_offset_sigma
 from .common import seeded_noise_sampler, setup_run, step_noise_scale
-from .er_sde_ode_plan import batched_ode_rows, batched_plan_applies, corrector_change, predictor_weight_rows, weighted_rows
+from .er_sde_ode_plan import (
+    batched_ode_rows, batched_plan_applies, corrector_change, final_step_weights, predictor_weight_rows, weighted_rows,
+)
 from .multistep import StepRow, merged_weights, run_rows
 from .noise_scales import (  # noqa: F401  (re-exported: the public names of ER-SDE's noise functions)
     LOG10, NOISE_FUNCTIONS, NoiseFunction, make_noise_function, power_law, sde_1, taylor_coefficient_rows,
@@ -77,11 +79,6 @@ def resolved_flow_form(flow_form, noise_fn: NoiseFunction) -> str:
     if flow_form is not None:
         return flow_form
     return "hybrid" if noise_fn.deterministic else "lambda"
-
-
-def _derivative_weights(lams: list[float], order: int, derivatives: str) -> list[list[float]]:
-    """``er_sde_ode_plan.predictor_weight_rows``: D', D'', ... at lam_i on (D_i, D_{i-1}, ...)."""
-    return predictor_weight_rows(lams, order, derivatives)
 
 
 def _ode_correction(lam_t: float, lam_s: float, alpha_t: float, nodes: list[float], predictor, fn: NoiseFunction,
@@ -174,18 +171,9 @@ def plan_er_sde(
             plan.rows.append(StepRow(sig_s, sig_t, A=1.0, evaluate=False))
             continue
         step_order, nodes, _, (alpha, s, lam) = step
-        if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0)
-            W = [1.0] + [0.0] * (step_order - 1)
-            if final_step == "extrapolate":
-                deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
-                taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
-                W = [w + e for w, e in zip(W, weighted_rows(taylor, deriv, step_order))]
-            if final_step == "corrected" and pending is not None:
-                # the clean prediction moved with the corrector's change of the last state (the denoiser's
-                # Jacobian taken as 1: exact as the last noise level goes to 0)
-                width = max(len(W), len(pending))
-                W = [a + b for a, b in zip(W + [0.0] * (width - len(W)), list(pending) + [0.0] * (width - len(pending)))]
-            plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=tuple(W), order=step_order))
+        if sig_t == 0.0:  # final denoise (optionally Taylor-extrapolated to lam = 0, or corrected)
+            W = final_step_weights(nodes, step_order, derivatives, final_step, pending)
+            plan.rows.append(StepRow(sig_s, sig_t, A=0.0, W=W, order=step_order))
             pending = None
             continue
         if math.isfinite(log_psi[i]):
@@ -199,7 +187,7 @@ def plan_er_sde(
         A = s[i + 1] / s[i] * q
         W = [alpha[i + 1] - A * alpha[i]] + [0.0] * (step_order - 1)
         c = coeffs.get(i, ())
-        deriv = _derivative_weights(nodes, step_order, derivatives)  # rows: D', D'', ...
+        deriv = predictor_weight_rows(nodes, step_order, derivatives)  # rows: D', D'', ...
         if step_order >= 2:
             W = [w + alpha[i + 1] * d for w, d in zip(W, weighted_rows(c[:step_order - 1], deriv, step_order))]
         E = s[i + 1] * math.sqrt(-math.expm1(2.0 * log_q)) * s_noise if stochastic else 0.0

@@ -124,16 +124,23 @@ def _steps(o: int, i, alpha, s, lam, derivatives: str, corrector: bool, noise_fn
 
 
 def _final_row(sig_list, lam, order: int, derivatives: str, final_step: str, pending) -> StepRow:
-    """The last step, to sigma = 0: the denoised output (optionally Taylor-extrapolated to lam = 0 or moved
-    with the corrector's change of the last state), as ``plan_er_sde`` writes it."""
+    """The last step, to sigma = 0, as ``plan_er_sde`` writes it (``final_step_weights``)."""
     i = len(sig_list) - 2
     step_order = min(order, i + 1)
+    W = final_step_weights([lam[i - j] for j in range(step_order)], step_order, derivatives, final_step, pending)
+    return StepRow(sig_list[i], sig_list[i + 1], A=0.0, W=W, order=step_order)
+
+
+def final_step_weights(nodes, step_order: int, derivatives: str, final_step: str, pending) -> tuple:
+    """Weights on (D_i, D_{i-1}, ...) of the last step, to sigma = 0: the denoised output, Taylor-extrapolated
+    to lam = 0 ('extrapolate'; nodes[0] = lam_i) or moved with the corrector's change of the last state
+    ('corrected', ``pending``: the denoiser's Jacobian taken as 1, exact as the last noise level goes to 0)."""
     W = [1.0] + [0.0] * (step_order - 1)
     if final_step == "extrapolate":
-        deriv = predictor_weight_rows([lam[i - j] for j in range(step_order)], step_order, derivatives)
-        taylor = [(-lam[i]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
+        deriv = predictor_weight_rows(nodes, step_order, derivatives)
+        taylor = [(-nodes[0]) ** (k + 1) / math.factorial(k + 1) for k in range(len(deriv))]
         W = [w + e for w, e in zip(W, weighted_rows(taylor, deriv, step_order))]
     if final_step == "corrected" and pending is not None:
         size = max(len(W), len(pending))
         W = [a + b for a, b in zip(W + [0.0] * (size - len(W)), list(pending) + [0.0] * (size - len(pending)))]
-    return StepRow(sig_list[i], sig_list[i + 1], A=0.0, W=tuple(W), order=step_order)
+    return tuple(W)

@@ -96,3 +96,24 @@ def test_batched_taylor_columns_equal_the_one_step_coefficients():
         columns = power_taylor_columns(ODE, lam_t, lam_s, terms)
         rows = taylor_coefficient_rows(ODE, lam_t.tolist(), lam_s.tolist(), "exact", terms)
         assert [list(r) for r in np.array(columns).T.tolist()] == [list(r) for r in rows]
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_extrapolated_final_step_is_the_interpolant_at_lam_zero(order):
+    """final_step='extrapolate' returns the Taylor expansion at lam_i of the polynomial through the last
+    ``order`` outputs, evaluated at lam = 0: exact for a denoiser that is a polynomial of degree order - 1 in
+    lam, on unequal nodes (the 'corrected' derivatives; 'paper' replaces D' by a slope and is not exact)."""
+    from comfyui_fast_samplers.samplers.er_sde_ode_plan import final_step_weights
+
+    nodes = [0.37, 1.3, 4.1][:order]
+    coefficients = [0.8, -1.7, 0.45][:order]
+
+    def denoiser(lam):
+        return sum(c * lam**k for k, c in enumerate(coefficients))
+
+    W = final_step_weights(nodes, order, "corrected", "extrapolate", None)
+    assert sum(w * denoiser(lam) for w, lam in zip(W, nodes)) == pytest.approx(denoiser(0.0), rel=1e-12)
+    assert final_step_weights(nodes, order, "corrected", "denoise", None) == (1.0,) + (0.0,) * (order - 1)
+    pending = (0.1, -0.2, 0.05, 0.02)[:order + 1]
+    corrected = final_step_weights(nodes, order, "corrected", "corrected", pending)
+    assert corrected == pytest.approx([1.0 + pending[0], *pending[1:]], rel=1e-15)

@@ -123,11 +123,12 @@ def test_corrector_weights_integrate_the_corrector_polynomial(lams):
     quad. Catches a 10% error in any c_k and a wrong node set."""
     from scipy.integrate import quad
 
-    from comfyui_fast_samplers.samplers.er_sde import _derivative_weights, _ode_correction, make_noise_function
+    from comfyui_fast_samplers.samplers.er_sde import _ode_correction, make_noise_function
+    from comfyui_fast_samplers.samplers.er_sde_ode_plan import predictor_weight_rows
 
     lam_t, nodes = lams[0], lams[1:]  # nodes: lam_s, lam_s1, ... (newest first)
     values = np.random.default_rng(len(lams)).normal(size=len(lams))  # D_t, D_s, D_s1, ...
-    predictor = _derivative_weights(nodes, len(nodes), "corrected")
+    predictor = predictor_weight_rows(nodes, len(nodes), "corrected")
     change = _ode_correction(lam_t, nodes[0], 1.0, list(nodes), predictor, make_noise_function("ode"), "exact")
     p_corr = np.polynomial.Polynomial.fit(lams, values, len(lams) - 1)
     p_pred = np.polynomial.Polynomial.fit(nodes, values[1:], len(nodes) - 1)
