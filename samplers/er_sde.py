@@ -74,7 +74,7 @@ def check_options(order=3, derivatives="corrected", quadrature="exact", flow_sta
 
 
 def resolved_flow_form(flow_form, noise_fn: NoiseFunction) -> str:
-    """The default: 'hybrid' for the ODE (lower error than 'lambda' in 39 of 54 stock flow-schedule cells,
+    """The default: 'hybrid' for the ODE (lower error than 'lambda' in 52 of 72 stock flow-schedule cells,
     benchmarks/results/preset_options.md), 'lambda' for the SDE."""
     if flow_form is not None:
         return flow_form
@@ -268,8 +268,8 @@ PRESETS = {
     "er_sde_3": {"order": 3, "noise_fn": "sde_5"},
     "er_sde_ode_3": {"order": 3, "noise_fn": "ode"},
     "er_sde_sde_3": {"order": 3, "noise_fn": "reverse_sde"},
-    # final_step "corrected": lower error than "denoise" in 81 of 108 stock-schedule cells, higher in 27 (ratio
-    # to ComfyUI's best there: geometric mean 1.16 vs 1.29; benchmarks/results/preset_options.md)
+    # final_step "corrected": lower error than "denoise" in 109 of 144 stock-schedule cells, higher in 35 (ratio
+    # to ComfyUI's best there: geometric mean 1.12 vs 1.25; benchmarks/results/preset_options.md)
     "er_sde_ode_3_unic": {"order": 3, "noise_fn": "ode", "corrector": True, "final_step": "corrected"},
 }
 
