@@ -144,7 +144,7 @@ def same_schedule_rows(model, ms, hold, reference, nfes, peers) -> list[dict]:
                 continue
             out, counted = cp.run_sampler(fn, {}, model, hold, sigmas, ms)
             ours = float((out - reference(sigmas)).flatten(1).norm(dim=1).mean())
-            same = [r for r in peers if r.target == nfe and r.schedule == schedule and r.nfe == nfe]
+            same = cp.same_schedule_peers(peers, nfe, schedule)
             if same:
                 best = min(same, key=lambda r: r.error)
                 rows.append(dict(nfe=nfe, schedule=schedule, ours=ours, peer=best.sampler, peer_error=best.error))

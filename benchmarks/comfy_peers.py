@@ -384,6 +384,12 @@ def peer_table(model: ComfyModel, ms, noise: torch.Tensor, reference, nfes) -> l
     return _table(model, ms, noise, reference, nfes, samplers, schedule_names(ms))
 
 
+def same_schedule_peers(table: list[Row], nfe: int, schedule: str) -> list[Row]:
+    """The rows that ran ``schedule`` at exactly ``nfe`` counted calls (the cell a sampler on that schedule
+    is compared in)."""
+    return [r for r in table if r.target == nfe and r.schedule == schedule and r.nfe == nfe]
+
+
 def best_peer(table: list[Row], nfe: int, full_start: bool = False) -> Row:
     """The lowest-error pairing at target ``nfe`` (rows at fewer NFE included: they use less);
     ``full_start``: only schedules that start at sigma_max (the same problem for every row)."""

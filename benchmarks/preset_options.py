@@ -37,12 +37,12 @@ FINALS = ("denoise", "extrapolate", "corrected")
 FORMS = ("hybrid", "lambda", "sigma")
 
 
-def single_sampler_ratios(peers, model_name: str, nfe: int, schedule: str, best: float) -> dict:
-    """Each ComfyUI sampler's error on this cell over the cell's best (its lower length rule where it has two)."""
+def single_sampler_ratios(same: list, best: float) -> dict:
+    """Each ComfyUI sampler's error on one cell (``same``: its rows) over the cell's best (the lower length
+    rule where a sampler has two)."""
     out = {}
-    for r in peers:
-        if r.target == nfe and r.schedule == schedule and r.nfe == nfe:
-            out[r.sampler] = min(out.get(r.sampler, math.inf), r.error / best)
+    for r in same:
+        out[r.sampler] = min(out.get(r.sampler, math.inf), r.error / best)
     return out
 
 
@@ -61,7 +61,7 @@ def measure(name: str, nfes) -> list[dict]:
     for nfe in nfes:
         for schedule in SCHEDULES:
             sigmas = cp.schedule(ms, schedule, nfe)
-            same = [r for r in peers if r.target == nfe and r.schedule == schedule and r.nfe == nfe]
+            same = cp.same_schedule_peers(peers, nfe, schedule)
             if sigmas is None or not same:
                 continue
             best = min(same, key=lambda r: r.error)
@@ -71,7 +71,7 @@ def measure(name: str, nfes) -> list[dict]:
                 out, _ = cp.run_sampler(preset.func, {**preset.options, **options}, model, hold, sigmas, ms)
                 errors[label] = float((out - ref).flatten(1).norm(dim=1).mean())
             rows.append(dict(model=name, nfe=nfe, schedule=schedule, peer=best.sampler, peer_error=best.error,
-                             errors=errors, comfy=single_sampler_ratios(peers, name, nfe, schedule, best.error)))
+                             errors=errors, comfy=single_sampler_ratios(same, best.error)))
     return rows
 
 
@@ -81,8 +81,7 @@ def summary(rows, labels, baseline) -> list[str]:
         ratios = [r["errors"][label] / r["peer_error"] for r in rows]
         lower = sum(r["errors"][label] < r["errors"][baseline] for r in rows)
         higher = sum(r["errors"][label] > r["errors"][baseline] for r in rows)
-        gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-        lines.append(f"| {label} | {gm:.3f} | {lower} | {higher} |")
+        lines.append(f"| {label} | {geometric_mean(ratios):.3f} | {lower} | {higher} |")
     return lines
 
 
